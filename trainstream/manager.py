@@ -1,0 +1,249 @@
+"""
+The refcounted, process-wide server manager, and the reactor thread.
+
+Only this module touches the global reactor's thread. Embedded, crochet runs
+the reactor in one background thread for the life of the process (a stopped
+reactor cannot run again, so we stop listeners, never the reactor). Under
+twistd, crochet is told not to start one and the manager uses twistd's.
+
+Every change of state runs in the reactor thread, one at a time behind a
+``DeferredLock``: the refcount and the server's running state therefore
+change together, whatever threads call in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.python import threadable
+
+from trainstream.config import Config
+from trainstream.errors import ConfigConflictError, ReactorThreadError, TrainstreamError
+from trainstream.service import StreamServer
+
+T = TypeVar("T")
+
+ConfigLike = Config | Mapping[str, Any] | None
+
+_setup_lock = threading.Lock()
+
+
+def ensure_reactor_thread() -> None:
+    """
+    Make sure a reactor is running: crochet's thread, unless the reactor
+    already runs elsewhere (twistd, an application's own ``reactor.run``).
+    """
+    import crochet
+    from twisted.internet import reactor
+
+    with _setup_lock:
+        if getattr(reactor, "running", False):
+            try:
+                crochet.no_setup()
+            except RuntimeError:
+                pass  # crochet already set up: it is crochet's thread that runs
+        else:
+            crochet.setup()
+
+
+def call_blocking(
+    what: str, deferred_form: str, fn: Callable[..., Any], *args: Any, timeout: float
+) -> Any:
+    """
+    Call ``fn`` in the reactor thread and wait for its (Deferred) result.
+
+    :raises ReactorThreadError: when called from the reactor thread, where
+        waiting would deadlock.
+    """
+    if threadable.isInIOThread():
+        raise ReactorThreadError(what, deferred_form)
+    ensure_reactor_thread()
+    import crochet
+
+    return crochet.run_in_reactor(fn)(*args).wait(timeout)
+
+
+class StreamServerManager:
+    """
+    Hands out one running ``StreamServer`` and counts its users. At refcount
+    0 it stops the server, and the call that released it returns only once
+    every port is free.
+
+    Methods named ``acquire``/``release``/``restart``/``shutdown`` return
+    Deferreds and are for the reactor thread; ``get``/``put``/
+    ``force_restart``/``cleanup`` block and are for every other thread.
+    """
+
+    def __init__(self, reactor: Any = None, timeout: float = 60.0) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._lock = DeferredLock()
+        self._server: StreamServer | None = None
+        self._refcount = 0
+        self._shutdown_hooked = False
+
+    @property
+    def refcount(self) -> int:
+        return self._refcount
+
+    @property
+    def server(self) -> StreamServer | None:
+        """The server, while one is running."""
+        return self._server if self.is_server_running() else None
+
+    def is_server_running(self) -> bool:
+        server = self._server
+        return server is not None and server.listening
+
+    # Deferred forms: reactor thread only.
+
+    def acquire(self, config: ConfigLike = None) -> Deferred[StreamServer]:
+        """Refcount +1, starting the server first if none is running."""
+        return self._locked(self._acquire, config)
+
+    def release(self) -> Deferred[None]:
+        """Refcount -1; at 0, fires once the server is stopped and its ports are free."""
+        return self._locked(self._release)
+
+    def restart(self) -> Deferred[StreamServer]:
+        """Stop and start the server again on the same config, same refcount."""
+        return self._locked(self._restart)
+
+    def shutdown(self) -> Deferred[None]:
+        """Stop the server whatever the refcount, which becomes 0."""
+        return self._locked(self._shutdown)
+
+    def adopt(self, server: StreamServer) -> None:
+        """
+        Under twistd: make the server twistd runs the process-wide one, held
+        once by twistd itself, so embedded code in that process shares it.
+        """
+        self._server = server
+        self._refcount = 1
+
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return self._lock.run(lambda: Deferred.fromCoroutine(fn(*args)))
+
+    async def _acquire(self, config: ConfigLike) -> StreamServer:
+        server = self._server
+        if server is not None and self._refcount > 0:
+            if config is not None:
+                differences = server.config.differences(Config.from_value(config))
+                if differences:
+                    raise ConfigConflictError(differences)
+            if not server.listening:
+                await server.start()
+            self._refcount += 1
+            return server
+        server = StreamServer(config, self._reactor)
+        await server.start()
+        self._server = server
+        self._refcount = 1
+        self._hook_shutdown()
+        return server
+
+    async def _release(self) -> None:
+        if self._refcount == 0:
+            raise TrainstreamError(
+                "release_stream_server() was called more often than get_stream_server(): "
+                "no server is held"
+            )
+        self._refcount -= 1
+        if self._refcount == 0 and self._server is not None:
+            server, self._server = self._server, None
+            await server.stop()
+
+    async def _restart(self) -> StreamServer:
+        server = self._server
+        if server is None or self._refcount == 0:
+            raise TrainstreamError(
+                "force_restart(): no server is running; call get_stream_server()"
+            )
+        await server.stop()
+        await server.start()
+        return server
+
+    async def _shutdown(self) -> None:
+        self._refcount = 0
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
+
+    def _hook_shutdown(self) -> None:
+        """When the reactor stops (process exit), free the ports first."""
+        if self._shutdown_hooked:
+            return
+        self._shutdown_hooked = True
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
+
+    # Blocking forms: any thread but the reactor's.
+
+    def get(self, config: ConfigLike = None) -> StreamServer:
+        """Blocking ``acquire``: returns once every port is bound."""
+        if config is not None:
+            Config.from_value(config)  # a bad config fails here, in the caller's thread
+        server: StreamServer = call_blocking(
+            "get_stream_server()",
+            "manager.acquire(config)",
+            self.acquire,
+            config,
+            timeout=self._timeout,
+        )
+        return server
+
+    def put(self) -> None:
+        """Blocking ``release``: at refcount 0 returns once every port is free."""
+        call_blocking(
+            "release_stream_server()", "manager.release()", self.release, timeout=self._timeout
+        )
+
+    def force_restart(self) -> StreamServer:
+        server: StreamServer = call_blocking(
+            "force_restart()", "manager.restart()", self.restart, timeout=self._timeout
+        )
+        return server
+
+    def cleanup(self) -> None:
+        """Stop the server whatever the refcount; returns once every port is free."""
+        call_blocking("cleanup()", "manager.shutdown()", self.shutdown, timeout=self._timeout)
+
+
+_manager = StreamServerManager()
+
+
+def get_stream_server_manager() -> StreamServerManager:
+    """The process-wide manager."""
+    return _manager
+
+
+def get_stream_server(config: ConfigLike = None) -> StreamServer:
+    """
+    The process-wide server, started if none runs (refcount +1). Returns once
+    every port is bound.
+
+    :raises PortInUseError: naming the port and endpoint; the refcount is unchanged.
+    :raises ConfigConflictError: when a server runs with another config.
+    """
+    return _manager.get(config)
+
+
+def release_stream_server() -> None:
+    """Refcount -1; at 0 returns only when every port is free."""
+    _manager.put()
+
+
+@contextmanager
+def serve(config: ConfigLike = None) -> Iterator[StreamServer]:
+    """``with serve(config) as server:`` holds the server for the block."""
+    server = get_stream_server(config)
+    try:
+        yield server
+    finally:
+        release_stream_server()

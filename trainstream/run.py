@@ -1,0 +1,165 @@
+"""
+The training side: ``Run.log()`` and friends, which only queue.
+
+A training thread never waits on the network or the reactor: events go into
+a deque and the reactor is woken at most once per batch to publish them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from trainstream.events import EventError, validate_event
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from trainstream.service import StreamServer
+
+Event = dict[str, object]
+
+
+class Inbox:
+    """
+    Events queued by any thread, published in the reactor thread in batches.
+
+    ``put`` appends and wakes the reactor only if no wake-up is pending;
+    ``drain`` clears the flag *before* emptying the queue, so an event put
+    while it runs is either taken now or triggers a new wake-up.
+    """
+
+    def __init__(
+        self,
+        call_from_thread: Callable[[Callable[[], None]], object],
+        sink: Callable[[list[Event]], object],
+    ) -> None:
+        self._call_from_thread = call_from_thread
+        self._sink = sink
+        self._queue: deque[list[Event]] = deque()
+        self._scheduled = False
+        self.wakeups = 0
+
+    def put(self, events: list[Event]) -> None:
+        self._queue.append(events)
+        if not self._scheduled:
+            self._scheduled = True
+            self.wakeups += 1
+            self._call_from_thread(self.drain)
+
+    def drain(self) -> None:
+        """Publish everything queued so far (reactor thread only)."""
+        self._scheduled = False
+        batch: list[Event] = []
+        queue = self._queue
+        while queue:
+            batch.extend(queue.popleft())
+        if batch:
+            self._sink(batch)
+
+
+_SPECIAL = {"NaN", "Infinity", "-Infinity"}
+
+
+class Run:
+    """
+    One training run as seen from the training code. Every method may be
+    called from any thread and returns without waiting for the server.
+    """
+
+    def __init__(self, server: StreamServer, name: str, inbox: Inbox) -> None:
+        self.server = server
+        self.name = name
+        self._inbox = inbox
+        self._checked_names: set[str] = set()
+        # Validate the run name now, so a bad one fails here and not later.
+        validate_event({"type": "log", "run": name, "level": "info", "message": ""})
+
+    def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
+        """
+        Queue one metric event per ``{name: value}`` at ``step``.
+
+        :raises EventError: at once, naming the field, for a bad name, step
+            or value; nothing of this call is queued then.
+        """
+        if type(step) is not int or step < 0:
+            raise EventError(
+                f'run {self.name!r}: "step" must be an integer >= 0, got {step!r}', field="step"
+            )
+        t = time.time() if time_s is None else time_s
+        run = self.name
+        events: list[Event] = []
+        for name, value in metrics.items():
+            if name not in self._checked_names:
+                validate_event(
+                    {"type": "metric", "run": run, "name": name, "step": step, "value": 0}
+                )
+                self._checked_names.add(name)
+            kind = type(value)
+            if kind is not float and kind is not int:
+                value = _metric_value(run, name, value)
+            events.append(
+                {
+                    "type": "metric",
+                    "run": run,
+                    "time": t,
+                    "name": name,
+                    "step": step,
+                    "value": value,
+                }
+            )
+        self._inbox.put(events)
+
+    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
+        """Queue a status event (``running``, ``paused``, ...)."""
+        event: Event = {"type": "status", "run": self.name, "state": state}
+        if epoch is not None:
+            event["epoch"] = epoch
+        if message is not None:
+            event["message"] = message
+        self._put_checked(event)
+
+    def text(self, message: str, level: str = "info") -> None:
+        """Queue a log line."""
+        self._put_checked({"type": "log", "run": self.name, "level": level, "message": message})
+
+    def hparams(self, params: Mapping[str, object]) -> None:
+        """Queue the run's hyperparameters."""
+        self._put_checked({"type": "hparams", "run": self.name, "params": dict(params)})
+
+    def finish(self) -> None:
+        self.status("finished")
+
+    def fail(self, message: str) -> None:
+        self.status("failed", message=message)
+
+    def flush(self) -> None:
+        """Return once every event queued so far is stored (blocking)."""
+        self.server.flush()
+
+    def flush_deferred(self) -> Deferred[None]:
+        """The Deferred form of ``flush`` for code in the reactor thread."""
+        return self.server.flush_deferred()
+
+    def _put_checked(self, event: Event) -> None:
+        self._inbox.put([validate_event(event)])
+
+
+def _metric_value(run: str, name: str, value: object) -> object:
+    """Accept numbers of other types (numpy, torch scalars) and the special strings."""
+    if isinstance(value, str) and value in _SPECIAL:
+        return float(value)
+    if not isinstance(value, bool):
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    raise EventError(
+        f'run {run!r}, metric {name!r}: "value" must be a number, got {value!r}',
+        field="value",
+    )
+
+
+__all__ = ["Inbox", "Run"]

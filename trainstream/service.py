@@ -1,0 +1,374 @@
+"""
+A server's listeners from endpoint strings, and a start and stop that are
+Deferreds which fire only when the ports are bound, or truly free again.
+
+Stopping is the heart of the original bug: a port is only free for a plain
+``bind`` (no ``SO_REUSEADDR``) once the listening socket is closed *and* no
+connection of ours is left on it, not even in TIME_WAIT. A connection whose
+close our side starts goes to TIME_WAIT for a minute, so ``stop`` ends every
+stream politely (SSE response finished, WebSocket close 1001 answered), then
+resets the connection (``SO_LINGER`` 0) instead of sending a FIN of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import define
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from trainstream.config import Config
+from trainstream.errors import ConfigError, ListenError, PortInUseError
+from trainstream.events import Limits
+from trainstream.hub import Hub
+from trainstream.run import Inbox, Run
+from trainstream.store.memory import MemoryStore
+from trainstream.web.clients import Clients
+from trainstream.web.site import build_site
+from trainstream.web.ws import StreamSession
+
+_log = Logger()
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+class TrackingFactory(WrappingFactory):
+    """
+    Wraps the one ``Site`` for one listener: it knows the listener's role and
+    every connection open on it, and says when none is left.
+    """
+
+    noisy = False
+
+    def __init__(self, site: Site, role: str) -> None:
+        super().__init__(site)  # type: ignore[no-untyped-call]
+        self.role = role
+        self._empty_waiters: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        if not self.protocols:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_empty(self) -> Deferred[None]:
+        """Fires once no connection is open on this listener."""
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._empty_waiters.append(d)
+        return d
+
+
+def _reset_on_close(wrapper: ProtocolWrapper) -> None:
+    """
+    Make the next close of this connection a reset (RST), not a FIN: no
+    TIME_WAIT is then left on our port. Data already handed to the kernel on
+    loopback has reached the peer; a slow peer's unread tail is dropped, and it
+    resumes by id.
+    """
+    transport: Any = wrapper.transport
+    for _ in range(4):  # tcp.Server, or TLS wrapped around it
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return
+
+
+@define
+class Listener:
+    """One bound endpoint and its role."""
+
+    role: str
+    description: str
+    factory: TrackingFactory
+    port: IListeningPort
+
+    @property
+    def secure(self) -> bool:
+        return self.description.split(":", 1)[0].lower() in ("ssl", "tls")
+
+    def base(self, scheme: str) -> str:
+        """``scheme://host:port`` of this listener, as a client reaches it."""
+        address: Any = self.port.getHost()
+        s = "s" if self.secure else ""
+        if getattr(address, "type", None) in ("TCP", "TCP6") or hasattr(address, "port"):
+            host = str(address.host)
+            if host in ("0.0.0.0", ""):
+                host = "127.0.0.1"
+            elif host == "::":
+                host = "::1"
+            if ":" in host:
+                host = f"[{host}]"
+            return f"{scheme}{s}://{host}:{address.port}"
+        name = getattr(address, "name", b"")
+        path = name.decode() if isinstance(name, bytes) else str(name)
+        return f"{scheme}{s}+unix://{path.replace('/', '%2F')}"
+
+    @property
+    def port_number(self) -> int | None:
+        return getattr(self.port.getHost(), "port", None)
+
+
+_PORT_IN_DESCRIPTION = re.compile(r"^(?:tcp6?|ssl|tls):(?:port=)?(\d+)", re.IGNORECASE)
+
+
+def _listen_error(role: str, description: str, error: BaseException) -> ListenError:
+    """Turn a failed ``listen`` into an error that names the role, port and endpoint."""
+    socket_error = getattr(error, "socketError", error)
+    port: int | None = getattr(error, "port", None)
+    if not isinstance(port, int):
+        m = _PORT_IN_DESCRIPTION.match(description)
+        port = int(m.group(1)) if m else None
+    code = getattr(socket_error, "errno", None)
+    reason = os.strerror(code) if isinstance(code, int) else str(socket_error)
+    if code == errno.EADDRINUSE:
+        return PortInUseError(role, description, port, reason.lower())
+    return ListenError(role, description, port, reason.lower())
+
+
+class StreamServer(MultiService):
+    """
+    One trainstream server: a Hub, its store, its clients, and one listener
+    per role, all served by one ``Site``. ``start`` and ``stop`` may be
+    repeated; the history and the ``Run`` objects outlive a stop.
+    """
+
+    def __init__(
+        self, config: Config | Mapping[str, Any] | None = None, reactor: Any = None
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = Config.from_value(config)
+        self.reactor: Any = reactor
+        self.token = self.config.resolve_token()
+        if not self.config.memory:
+            _log.info("SQLite history is not built yet (issue 3/5): keeping history in memory")
+        self.store = MemoryStore(self.config.max_history)
+        self.hub = Hub(self.store, Limits())
+        self.clients = Clients()
+        self.inbox = Inbox(self.reactor.callFromThread, self.hub.publish)
+        self.site = build_site(self)
+        self.listeners: list[Listener] = []
+        self._started_at = time.monotonic()
+        self._starting: Deferred[StreamServer] | None = None
+        if self.config.demo:
+            from trainstream.demo import DemoService
+
+            demo = DemoService(self.hub, self.reactor)
+            demo.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    # Lifecycle
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.listeners)
+
+    def start(self) -> Deferred[StreamServer]:
+        """
+        Bind every listener, then start the child services.
+
+        :return: fires with this server once every port is bound, or fails
+            with ``PortInUseError``/``ListenError``/``ConfigError`` after
+            closing whatever it had bound.
+        """
+        d = Deferred.fromCoroutine(self._start())
+        self._starting = d
+        return d
+
+    async def _start(self) -> StreamServer:
+        if self.listeners:
+            return self
+        bound: list[Listener] = []
+        for role, description in self.config.listeners():
+            try:
+                endpoint = serverFromString(self.reactor, description)
+            except (ValueError, KeyError, TypeError) as e:
+                await self._unbind(bound)
+                raise ConfigError(
+                    f"--{role} {description!r} is not a valid endpoint string: {e}"
+                ) from None
+            factory = TrackingFactory(self.site, role)
+            try:
+                port = await endpoint.listen(factory)
+            except (CannotListenError, OSError) as e:
+                await self._unbind(bound)
+                raise _listen_error(role, description, e) from None
+            bound.append(Listener(role, description, factory, port))
+        self.listeners = bound
+        self._started_at = time.monotonic()
+        if self.config.ports_file:
+            self._write_ports_file(self.config.ports_file)
+        if not self.running:
+            MultiService.startService(self)
+        _log.info("trainstream listening: {urls}", urls=self.urls)
+        return self
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop the child services, close every listening port and every client
+        connection. Fires only when each ``stopListening`` Deferred has fired
+        and each connection is gone, so every port can be bound again at once.
+        """
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.running:
+            await maybeDeferred(MultiService.stopService, self)
+        # Whatever the training code queued before the stop is still published.
+        self.inbox.drain()
+        listeners, self.listeners = self.listeners, []
+        await self._unbind(listeners)
+
+    async def _unbind(self, listeners: list[Listener]) -> None:
+        if not listeners:
+            return
+        await gatherResults(
+            [maybeDeferred(listener.port.stopListening) for listener in listeners],
+            consumeErrors=True,
+        )
+        factories = [listener.factory for listener in listeners]
+        self.clients.close_all("server stopping")
+        for factory in factories:
+            for wrapper in list(factory.protocols):
+                protocol = wrapper.wrappedProtocol
+                if isinstance(protocol, StreamSession):
+                    if protocol.state == WebSocketProtocol.STATE_CONNECTING:
+                        wrapper.transport.abortConnection()
+                    # Otherwise our close frame is out: Autobahn resets the
+                    # connection once the client answers it, or after
+                    # closeHandshakeTimeout.
+                else:
+                    # Plain HTTP (SSE streams are finished by now): flush, then reset.
+                    _reset_on_close(wrapper)
+                    wrapper.transport.loseConnection()
+        everyone_gone = gatherResults([f.when_empty() for f in factories])
+        deadline = self.reactor.callLater(
+            self.config.close_timeout + 0.5, self._abort_all, factories
+        )
+        await everyone_gone
+        if deadline.active():
+            deadline.cancel()
+
+    def _abort_all(self, factories: list[TrackingFactory]) -> None:
+        for factory in factories:
+            for wrapper in list(factory.protocols):
+                _log.warn("client {peer} did not close in time: resetting", peer=wrapper.getPeer())
+                wrapper.transport.abortConnection()
+
+    # twistd integration: twistd calls these; embedded code uses start/stop.
+
+    def privilegedStartService(self) -> None:
+        d = self.start()
+        failures: list[BaseException] = []
+
+        def failed(f: Failure) -> None:
+            failures.append(f.value or Exception(f.getErrorMessage()))
+
+        d.addErrback(failed)
+        if failures:
+            # Binding is synchronous for TCP and UNIX endpoints: say why, and
+            # exit, instead of running a server with no ports.
+            raise SystemExit(f"trainstream: {failures[0]}")
+
+    def startService(self) -> None:
+        if self._starting is None:
+            self.start()
+
+    def stopService(self) -> Deferred[None]:
+        return self.stop()
+
+    # Information
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started_at
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """Where clients connect: ``sse``, ``ws``, ``rest`` and ``dashboard``."""
+        by_role = {listener.role: listener for listener in self.listeners}
+        if not by_role:
+            return {}
+        if "listen" in by_role:
+            one = by_role["listen"]
+            sse = ws = rest = one
+        else:
+            sse, ws, rest = by_role["sse"], by_role["ws"], by_role["rest"]
+        return {
+            "sse": sse.base("http") + "/events",
+            "ws": ws.base("ws") + "/ws",
+            "rest": rest.base("http") + "/api",
+            "dashboard": rest.base("http") + "/",
+        }
+
+    def listener_info(self) -> dict[str, dict[str, object]]:
+        return {
+            listener.role: {
+                "endpoint": listener.description,
+                "port": listener.port_number,
+                "url": listener.base("http") + "/",
+                "connections": len(listener.factory.protocols),
+            }
+            for listener in self.listeners
+        }
+
+    def _write_ports_file(self, path: str) -> None:
+        """Write ``urls`` as JSON atomically: a reader sees all of it or nothing."""
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".ports-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.urls, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    # Publishing from training code
+
+    def run(self, name: str, hparams: Mapping[str, object] | None = None) -> Run:
+        """A handle to log a training run; announces it as ``created``."""
+        run = Run(self, name, self.inbox)
+        run.status("created")
+        if hparams:
+            run.hparams(hparams)
+        return run
+
+    def flush_deferred(self) -> Deferred[None]:
+        """Reactor thread: publish everything queued so far."""
+        self.inbox.drain()
+        return succeed(None)
+
+    def flush(self) -> None:
+        """Any other thread: return once everything queued so far is stored."""
+        from trainstream.manager import call_blocking
+
+        call_blocking("flush()", "Run.flush_deferred()", self.flush_deferred, timeout=60)

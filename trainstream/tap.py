@@ -1,0 +1,88 @@
+"""
+``twistd trainstream``: options and the service twistd runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from trainstream.config import DEFAULT_REST, DEFAULT_SSE, DEFAULT_WS, Config
+from trainstream.errors import ConfigError
+
+
+class Options(usage.Options):
+    """The options of PROTOCOL section 1."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Stream machine-learning training runs live: SSE, WebSocket, REST and a "
+        "dashboard on one reactor. Endpoints are Twisted endpoint strings "
+        "(tcp:0 picks a free port)."
+    )
+    optParameters = [
+        ["sse", None, DEFAULT_SSE, "Listener whose role is SSE."],
+        ["ws", None, DEFAULT_WS, "Listener whose role is WebSocket."],
+        ["rest", None, DEFAULT_REST, "Listener whose role is REST + dashboard."],
+        ["listen", None, None, "Single-port mode: one listener serves everything."],
+        ["db", None, None, "SQLite history file (default: in the user's data dir)."],
+        ["token", None, None, "Require this bearer token."],
+        ["token-file", None, None, "Read the bearer token from this file."],
+        ["ports-file", None, None, "Write the bound URLs as JSON here once listening."],
+        ["close-timeout", None, 2.0, "Seconds a client gets to answer a close handshake.", float],
+        ["keepalive", None, 15.0, "Seconds between SSE keepalive comments.", float],
+    ]
+    optFlags = [
+        ["memory", None, "Keep history in RAM only."],
+        ["demo", None, "Also publish a synthetic training run."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["allow_origin"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """Also accept WebSocket upgrades from this Origin (repeatable)."""
+        self["allow_origin"].append(origin)
+
+    def postOptions(self) -> None:
+        try:
+            self.config = config_from_options(self)
+            self.config.resolve_token()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def config_from_options(options: Any) -> Config:
+    return Config.from_value(
+        {
+            "sse": options["sse"],
+            "ws": options["ws"],
+            "rest": options["rest"],
+            "listen": options["listen"],
+            "db": options["db"],
+            "memory": bool(options["memory"]),
+            "token": options["token"],
+            "token_file": options["token-file"],
+            "ports_file": options["ports-file"],
+            "demo": bool(options["demo"]),
+            "allow_origin": list(options["allow_origin"]),
+            "close_timeout": options["close-timeout"],
+            "keepalive": options["keepalive"],
+        }
+    )
+
+
+def makeService(options: Options) -> IService:
+    """The server twistd runs, shared with embedded code through the manager."""
+    import crochet
+
+    from trainstream.manager import get_stream_server_manager
+    from trainstream.service import StreamServer
+
+    crochet.no_setup()  # twistd owns the reactor: crochet must not start another
+    server = StreamServer(options.config)
+    get_stream_server_manager().adopt(server)
+    return server

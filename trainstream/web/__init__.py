@@ -1,0 +1,3 @@
+"""
+The resource tree every listener serves: REST, SSE, WebSocket and the dashboard.
+"""

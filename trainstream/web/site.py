@@ -1,0 +1,94 @@
+"""
+The one resource tree that every listener serves.
+
+    /            dashboard (and, for seed clients, SSE or WebSocket at the root
+                 of the listener whose role is SSE or WebSocket)
+    /api/...     REST (Klein)
+    /events      SSE
+    /ws          WebSocket
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import TYPE_CHECKING
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.server import Request, Site
+
+from trainstream._version import __version__
+from trainstream.web.rest import RestApi
+from trainstream.web.sse import SSEResource
+from trainstream.web.ws import StreamFactory
+
+if TYPE_CHECKING:
+    from trainstream.service import StreamServer
+
+
+def listener_role(request: Request) -> str | None:
+    """The role of the listener a request arrived on (see ``service.TrackingFactory``)."""
+    transport = request.channel.transport if request.channel is not None else None
+    return getattr(getattr(transport, "factory", None), "role", None)
+
+
+class IndexPage(Resource):
+    """A plain page linking the endpoints (the dashboard replaces it)."""
+
+    isLeaf = True
+
+    def __init__(self, server: StreamServer) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.stream_server = server
+
+    def render_GET(self, request: Request) -> bytes:
+        rows = "".join(
+            f'<li>{escape(role)}: <a href="{escape(url)}">{escape(url)}</a></li>'
+            for role, url in self.stream_server.urls.items()
+        )
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>trainstream</title></head>"
+            f"<body><h1>trainstream {escape(__version__)}</h1><ul>{rows}"
+            '<li>health: <a href="/api/health">/api/health</a></li></ul></body></html>'
+        ).encode()
+
+
+class Root(Resource):
+    """Routes ``/`` by listener role and request kind; children do the rest."""
+
+    def __init__(self, index: IResource, sse: IResource, ws: IResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.index = index
+        self.sse = sse
+        self.ws = ws
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"":
+            role = listener_role(request)
+            if role in ("sse", "listen") and b"text/event-stream" in (
+                request.getHeader(b"accept") or b""
+            ):
+                return self.sse
+            if role in ("ws", "listen") and (
+                (request.getHeader(b"upgrade") or b"").lower() == b"websocket"
+            ):
+                return self.ws
+            return self.index
+        return NoResource("no such page")
+
+
+def build_site(server: StreamServer) -> Site:
+    """One ``Site`` for every listener of ``server``."""
+    config = server.config
+    sse = SSEResource(server.hub, server.clients, server.reactor, config.keepalive, config.retry_ms)
+    ws = WebSocketResource(StreamFactory(server.hub, server.clients, config.close_timeout))
+    index = IndexPage(server)
+    root = Root(index, sse, ws)
+    root.putChild(b"api", RestApi(server).app.resource())
+    root.putChild(b"events", sse)
+    root.putChild(b"ws", ws)
+    site = Site(root, reactor=server.reactor)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,129 @@
+"""
+WebSocket sessions (``/ws``): subscribe, publish, ping, as PROTOCOL section 5.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.logger import Logger
+
+from trainstream._version import __version__
+from trainstream.events import EventError, encode_json
+from trainstream.hub import Hub
+from trainstream.store import Record
+from trainstream.web.clients import Clients
+from trainstream.web.sse import BadQueryError, filter_from_lists
+
+_log = Logger()
+
+_SUBSCRIBE_KEYS = {"op", "runs", "names", "types", "after", "max_rate"}
+
+
+class _ProtocolError(ValueError):
+    """A client message we cannot act on; answered with an ``error`` op."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _ProtocolError(f'{name} is not valid JSON: send the string "{name}" instead')
+
+
+class StreamSession(WebSocketServerProtocol):
+    """One WebSocket client."""
+
+    factory: StreamFactory
+    _subscribed = False
+
+    def onOpen(self) -> None:
+        self.factory.clients.ws.add(self)
+        self.send_json({"op": "hello", "version": __version__, "last_id": self.factory.hub.last_id})
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            if isBinary:
+                raise _ProtocolError("binary frames are not part of the protocol: send JSON text")
+            try:
+                message = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _ProtocolError(f"message is not valid JSON: {e}") from None
+            if not isinstance(message, dict):
+                raise _ProtocolError('a message must be a JSON object with an "op"')
+            self._dispatch(message)
+        except _ProtocolError as e:
+            self.send_json({"op": "error", "error": str(e)})
+        except BadQueryError as e:
+            self.send_json({"op": "error", "error": f"subscribe: {e}"})
+        except EventError as e:
+            self.send_json({"op": "error", **e.to_json()})
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        hub = self.factory.hub
+        if op == "subscribe":
+            unknown = sorted(set(message) - _SUBSCRIBE_KEYS)
+            if unknown:
+                raise _ProtocolError(f"subscribe: unknown field {unknown[0]!r}")
+            if message.get("max_rate") is not None:
+                raise _ProtocolError("subscribe: max_rate is not supported by this server yet")
+            flt = filter_from_lists(
+                runs=message.get("runs") or (),
+                names=message.get("names") or (),
+                types=message.get("types") or (),
+            )
+            after = message.get("after")
+            if after is not None and (type(after) is not int or after < 0):
+                raise _ProtocolError(f'subscribe: "after" must be an event id >= 0, got {after!r}')
+            hub.unsubscribe(self)
+            self._subscribed = True
+            hub.subscribe(self, flt, after)
+        elif op == "unsubscribe":
+            hub.unsubscribe(self)
+            self._subscribed = False
+        elif op == "publish":
+            accepted, first, last = hub.accept(message.get("events"))
+            self.send_json({"op": "ack", "accepted": accepted, "first_id": first, "last_id": last})
+        elif op == "ping":
+            self.send_json({"op": "pong", "nonce": message.get("nonce")})
+        else:
+            raise _ProtocolError(
+                f"unknown op {op!r}; ops are subscribe, unsubscribe, publish, ping"
+            )
+
+    # Subscriber
+
+    def deliver(self, records: Sequence[Record]) -> None:
+        body = ",".join(r.json for r in records)
+        self.sendMessage(f'{{"op":"events","events":[{body}]}}'.encode())  # type: ignore[no-untyped-call]
+
+    def reset(self, reason: str, oldest_id: int) -> None:
+        self.send_json({"op": "reset", "reason": reason, "oldest_id": oldest_id})
+
+    def close(self, reason: str) -> None:
+        """Send a 1001 close frame; the stop sequence waits for the answer."""
+        # sendClose() admits only application codes (1000, 3000-4999); 1001
+        # "going away" is the protocol's own code for a server shutting down.
+        self.sendCloseFrame(code=1001, reasonUtf8=reason.encode()[:120], isReply=False)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.hub.unsubscribe(self)
+        self.factory.clients.ws.discard(self)
+
+    def send_json(self, obj: dict[str, object]) -> None:
+        self.sendMessage(encode_json(obj).encode())  # type: ignore[no-untyped-call]
+
+
+class StreamFactory(WebSocketServerFactory):
+    """Builds ``StreamSession``s sharing one Hub."""
+
+    protocol = StreamSession  # type: ignore[assignment]
+
+    def __init__(self, hub: Hub, clients: Clients, close_timeout: float) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.hub = hub
+        self.clients = clients
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
+            closeHandshakeTimeout=close_timeout, openHandshakeTimeout=10
+        )
