@@ -13,11 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.clients import (
     ANY_PORTS,
+    RawHTTP,
     config_on,
     connect_sse,
     connect_ws,
@@ -101,6 +104,62 @@ class ReleaseFreesPortsTests(TestCase):
             await idle.lost
             for w in wss:
                 await w.lost
+
+        return d(go())
+
+    def test_http10_answer_ends_by_our_close(self) -> Deferred[None]:
+        """
+        An HTTP/1.0 answer may be delimited by the close itself, so the server
+        still closes it at once (only HTTP/1.1 clients are left to close first).
+        """
+        ports = (free_port(), free_port(), free_port())
+
+        async def go() -> None:
+            await self.manager.acquire(config_on(ports))
+            for _ in range(5):
+                client = RawHTTP(
+                    b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                await TCP4ClientEndpoint(reactor, "127.0.0.1", ports[2]).connect(
+                    Factory.forProtocol(lambda c=client: c)  # type: ignore[misc]
+                )
+                await client.answered
+                client.transport.loseConnection()  # as a client that asked for close does
+                await client.lost
+            old = RawHTTP(b"GET /api/health HTTP/1.0\r\n\r\n")
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", ports[2]).connect(
+                Factory.forProtocol(lambda: old)
+            )
+            await old.lost  # the server ended the HTTP/1.0 answer by closing
+            self.assertIn(b'"status":"ok"', old.raw)
+            await self.manager.release()
+            # The HTTP/1.0 close was ours (TIME_WAIT on the REST port is
+            # unavoidable there); the SSE and WS ports are untouched by it.
+            self.assertEqual([plain_bind(p) for p in ports[:2]], [None, None])
+
+        return d(go())
+
+    def test_connection_close_requests_leave_no_time_wait(self) -> Deferred[None]:
+        """
+        REST calls with ``Connection: close``: the client, which knows where
+        the answer ends, closes first, so no TIME_WAIT is left on our port.
+        """
+        ports = (free_port(), free_port(), free_port())
+
+        async def go() -> None:
+            await self.manager.acquire(config_on(ports))
+            for _ in range(5):
+                client = RawHTTP(
+                    b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                await TCP4ClientEndpoint(reactor, "127.0.0.1", ports[2]).connect(
+                    Factory.forProtocol(lambda c=client: c)  # type: ignore[misc]
+                )
+                await client.answered
+                client.transport.loseConnection()
+                await client.lost
+            await self.manager.release()
+            self.assertEqual([plain_bind(p) for p in ports], [None, None, None])
 
         return d(go())
 

@@ -28,7 +28,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -48,6 +48,52 @@ from trainstream.web.ws import StreamSession
 _log = Logger()
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_DONE = Failure(ConnectionDone())
+
+
+class TrackedConnection(ProtocolWrapper):
+    """
+    One connection on a listener: the transport the HTTP channel (and later
+    the WebSocket session) writes to.
+
+    When the HTTP channel closes after a non-persistent HTTP/1.1 response
+    (the client sent ``Connection: close``), the client knows where the
+    response ends and closes by itself; we let it close first, so the
+    TIME_WAIT is the client's and not on our port. A client that does not
+    close within ``close_grace`` seconds is reset once our data is flushed.
+    """
+
+    factory: TrackingFactory
+    peer_closes_first = False  # set per request by web.site.TrackingSite
+    _close_call: Any = None
+
+    def loseConnection(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = 1
+        if not self.peer_closes_first:
+            self._transport().loseConnection()
+            return
+        self._close_call = self.factory.reactor.callLater(
+            self.factory.close_grace, self._force_close
+        )
+
+    def _force_close(self) -> None:
+        self._close_call = None
+        _reset_on_close(self)
+        self._transport().loseConnection()
+
+    def _transport(self) -> Any:
+        return self.transport
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.disconnecting:  # nothing more is read from a closing channel
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
 class TrackingFactory(WrappingFactory):
@@ -57,10 +103,13 @@ class TrackingFactory(WrappingFactory):
     """
 
     noisy = False
+    protocol = TrackedConnection
 
-    def __init__(self, site: Site, role: str) -> None:
+    def __init__(self, site: Site, role: str, reactor: Any, close_grace: float) -> None:
         super().__init__(site)  # type: ignore[no-untyped-call]
         self.role = role
+        self.reactor = reactor
+        self.close_grace = close_grace
         self._empty_waiters: list[Deferred[None]] = []
 
     def unregisterProtocol(self, p: ProtocolWrapper) -> None:
@@ -175,7 +224,7 @@ class StreamServer(MultiService):
         self.store = MemoryStore(self.config.max_history)
         self.hub = Hub(self.store, Limits())
         self.clients = Clients()
-        self.inbox = Inbox(self.reactor.callFromThread, self.hub.publish)
+        self.inbox = Inbox(lambda f: self.reactor.callFromThread(f), self.hub.publish)
         self.site = build_site(self)
         self.listeners: list[Listener] = []
         self._started_at = time.monotonic()
@@ -216,7 +265,7 @@ class StreamServer(MultiService):
                 raise ConfigError(
                     f"--{role} {description!r} is not a valid endpoint string: {e}"
                 ) from None
-            factory = TrackingFactory(self.site, role)
+            factory = TrackingFactory(self.site, role, self.reactor, self.config.close_timeout)
             try:
                 port = await endpoint.listen(factory)
             except (CannotListenError, OSError) as e:

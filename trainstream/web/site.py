@@ -11,7 +11,7 @@ The one resource tree that every listener serves.
 from __future__ import annotations
 
 from html import escape
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import IResource, NoResource, Resource
@@ -78,6 +78,20 @@ class Root(Resource):
         return NoResource("no such page")
 
 
+class TrackingSite(Site):
+    """
+    The one ``Site``: notes on the connection, per request, whether the
+    client will close it first (see ``service.TrackedConnection``).
+    """
+
+    def getResourceFor(self, request: Request) -> IResource:
+        transport: Any = request.channel.transport if request.channel is not None else None
+        if hasattr(transport, "peer_closes_first"):
+            transport.peer_closes_first = request.clientproto == b"HTTP/1.1"
+        resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
+        return resource
+
+
 def build_site(server: StreamServer) -> Site:
     """One ``Site`` for every listener of ``server``."""
     config = server.config
@@ -88,7 +102,7 @@ def build_site(server: StreamServer) -> Site:
     root.putChild(b"api", RestApi(server).app.resource())
     root.putChild(b"events", sse)
     root.putChild(b"ws", ws)
-    site = Site(root, reactor=server.reactor)
+    site = TrackingSite(root, reactor=server.reactor)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -1,0 +1,85 @@
+"""Helpers shared by the benchmark scripts: percentiles, machine facts, source checks."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TREE_PACKAGE = REPO_ROOT / "trainstream"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values``, linearly interpolated."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary_line(label: str, values_ms: Sequence[float]) -> str:
+    """One aligned line: n, median, p90, p99, max, in milliseconds."""
+    if not values_ms:
+        return f"  {label:<18} n=0"
+    return (
+        f"  {label:<18} n={len(values_ms):<5} "
+        f"median={percentile(values_ms, 50):8.2f}  p90={percentile(values_ms, 90):8.2f}  "
+        f"p99={percentile(values_ms, 99):8.2f}  max={max(values_ms):8.2f}  "
+        f"min={min(values_ms):8.2f}  (ms)"
+    )
+
+
+def machine_lines() -> list[str]:
+    """What the figures were measured on."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 0
+    return [
+        f"machine: nproc={usable} (cpu_count={os.cpu_count()}), {platform.machine()}, "
+        f"{platform.system()} {platform.release()}",
+        f"python:  {platform.python_implementation()} {platform.python_version()} "
+        f"({sys.executable})",
+    ]
+
+
+def use_tree() -> None:
+    """Import ``trainstream`` from the repository's working tree, not the installed copy."""
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def differing_files(package_dir: Path, other_dir: Path = TREE_PACKAGE) -> list[str]:
+    """The ``.py`` files of the package that differ between two copies (empty when equal)."""
+    if package_dir.resolve() == other_dir.resolve():
+        return []
+    names: set[str] = set()
+    for root in (package_dir, other_dir):
+        names.update(str(p.relative_to(root)) for p in root.rglob("*.py"))
+    different = []
+    for name in sorted(names):
+        a, b = package_dir / name, other_dir / name
+        if not (a.exists() and b.exists() and filecmp.cmp(a, b, shallow=False)):
+            different.append(name)
+    return different
+
+
+def source_lines(package_file: str) -> list[str]:
+    """Which trainstream is measured, and whether it matches the working tree."""
+    package_dir = Path(package_file).resolve().parent
+    lines = [f"trainstream: {package_dir}"]
+    different = differing_files(package_dir)
+    if different:
+        lines.append(
+            f"  WARNING: differs from the working tree {TREE_PACKAGE} in "
+            f"{len(different)} file(s): {', '.join(different[:8])}"
+            + (" ..." if len(different) > 8 else "")
+            + " (pip install . to refresh, or pass --tree)"
+        )
+    return lines
