@@ -47,6 +47,8 @@ class Config:
     :param close_timeout: seconds a client gets to answer a close handshake
         before its connection is reset.
     :param max_history: events the in-memory history keeps.
+    :param stall_after: seconds without an event after which a running run is
+        marked ``stalled``.
     """
 
     sse: str = DEFAULT_SSE
@@ -64,6 +66,7 @@ class Config:
     retry_ms: int = 3000
     close_timeout: float = 2.0
     max_history: int = 100_000
+    stall_after: float = 120.0
 
     @classmethod
     def from_value(cls, value: Config | Mapping[str, Any] | None) -> Config:
@@ -125,7 +128,7 @@ class Config:
 _STR_OR_NONE = {"listen", "db", "token", "token_file", "ports_file"}
 _STR = {"sse", "ws", "rest"}
 _BOOL = {"memory", "demo"}
-_FLOAT = {"keepalive", "close_timeout"}
+_FLOAT = {"keepalive", "close_timeout", "stall_after"}
 _INT = {"retry_ms", "max_history"}
 
 

@@ -110,6 +110,9 @@ class Hub:
         self._next_id = store.last_id + 1
         self._subscribers: dict[Subscriber, Filter] = {}
         self.accepted_total = 0
+        # Called with each published batch, after every subscriber had it (runs
+        # registry, counters). An observer may publish in turn.
+        self.observers: list[Callable[[Sequence[Record]], object]] = []
 
     @property
     def last_id(self) -> int:
@@ -144,6 +147,8 @@ class Hub:
                 wanted = [r for r in records if flt.matches(r)]
                 if wanted:
                     subscriber.deliver(wanted)
+        for observer in self.observers:
+            observer(records)
         return (len(records), first, self._next_id - 1)
 
     def subscribe(self, subscriber: Subscriber, flt: Filter, after: int | None = None) -> None:

@@ -40,6 +40,7 @@ from trainstream.errors import ConfigError, ListenError, PortInUseError
 from trainstream.events import Limits
 from trainstream.hub import Hub
 from trainstream.run import Inbox, Run
+from trainstream.runs import RunsService
 from trainstream.store.memory import MemoryStore
 from trainstream.web.clients import Clients
 from trainstream.web.site import build_site
@@ -229,6 +230,8 @@ class StreamServer(MultiService):
         self.listeners: list[Listener] = []
         self._started_at = time.monotonic()
         self._starting: Deferred[StreamServer] | None = None
+        self.runs = RunsService(self.hub, self.reactor, self.config.stall_after)
+        self.runs.setServiceParent(self)  # type: ignore[no-untyped-call]
         if self.config.demo:
             from trainstream.demo import DemoService
 

@@ -33,6 +33,7 @@ class Options(usage.Options):
         ["ports-file", None, None, "Write the bound URLs as JSON here once listening."],
         ["close-timeout", None, 2.0, "Seconds a client gets to answer a close handshake.", float],
         ["keepalive", None, 15.0, "Seconds between SSE keepalive comments.", float],
+        ["stall-after", None, 120.0, "Seconds without events before a run is stalled.", float],
     ]
     optFlags = [
         ["memory", None, "Keep history in RAM only."],
@@ -71,6 +72,7 @@ def config_from_options(options: Any) -> Config:
             "allow_origin": list(options["allow_origin"]),
             "close_timeout": options["close-timeout"],
             "keepalive": options["keepalive"],
+            "stall_after": options["stall-after"],
         }
     )
 
