@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import Any, NamedTuple
 
 from _common import machine_lines, source_lines, summary_line, use_tree
 
@@ -288,11 +289,11 @@ class Responder(threading.Thread):
     def run(self) -> None:
         selector = selectors.DefaultSelector()
         try:
-            for client in self.clients:
-                if client.buffer and isinstance(client, WSClient):
-                    pending, client.buffer = client.buffer, b""
-                    client.feed(pending)  # frames that came with the handshake
-                selector.register(client.sock, selectors.EVENT_READ, client)
+            for each in self.clients:
+                if each.buffer and isinstance(each, WSClient):
+                    pending, each.buffer = each.buffer, b""
+                    each.feed(pending)  # frames that came with the handshake
+                selector.register(each.sock, selectors.EVENT_READ, each)
             deadline = time.monotonic() + DRAIN_LIMIT
             open_clients = len(self.clients)
             while open_clients and not self.stopping.is_set() and time.monotonic() < deadline:
@@ -317,7 +318,52 @@ class Responder(threading.Thread):
             selector.close()
 
 
+class GCMonitor:
+    """Records every garbage collection's (start, end) to explain outliers."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = perf_counter()
+        else:
+            self.pauses.append((self._started, perf_counter(), info["generation"]))
+
+    def overlap_ms(self, t0: float, t1: float) -> float:
+        """Milliseconds of collection inside [t0, t1]."""
+        return 1000.0 * sum(
+            max(0.0, min(end, t1) - max(start, t0)) for start, end, _ in self.pauses[-50:]
+        )
+
+
+GC = GCMonitor()
+
+
 # Cycles
+
+
+class Outcome(NamedTuple):
+    """How one client's stream ended: atoms only, so the collector can ignore it."""
+
+    kind: str
+    end: str
+    close_code: int | None = None
+    close_seen: bool = False
+    answered: bool = False
+    answer_error: str | None = None
+    clean_end: bool = False
+
+    @classmethod
+    def of(cls, client: Client) -> Outcome:
+        end = client.end or "still open"
+        if isinstance(client, WSClient):
+            seen = client.close_seen_at is not None
+            return cls("ws", end, client.close_code, seen, client.answered, client.answer_error)
+        if isinstance(client, SSEClient):
+            return cls("sse", end, clean_end=client.finished_cleanly)
+        return cls(client.kind, end)
 
 
 @dataclass
@@ -330,7 +376,9 @@ class Cycle:
     failure: str | None = None  # why the cycle counts as failed
     bind_errors: list[str] = field(default_factory=list)
     busy_for_ms: float | None = None  # diagnosis: how long a failed port stayed busy
-    clients: list[Client] = field(default_factory=list)
+    gc_ms: float = 0.0  # garbage collection (any thread) during release+rebind
+    clients: list[Client] = field(default_factory=list)  # during the cycle only
+    outcomes: list[Outcome] = field(default_factory=list)
 
 
 def rebind(ports: dict[str, int]) -> tuple[list[str], float]:
@@ -401,6 +449,7 @@ def run_cycle(
         errors, t1 = rebind(ports)
         cycle.release_ms = (t_released - t0) * 1000.0
         cycle.total_ms = (t1 - t0) * 1000.0
+        cycle.gc_ms = GC.overlap_ms(t0, t1)
         if errors:
             cycle.bind_errors = errors
             cycle.failure = "rebind: " + ", ".join(errors)
@@ -417,6 +466,9 @@ def run_cycle(
                 cycle.failure = (cycle.failure or "") + f"; cleanup release: {e!r}"
         for client in cycle.clients:
             client.close()
+        # Keep only atoms: a heap of client objects would lengthen our own GC pauses.
+        cycle.outcomes = [Outcome.of(client) for client in cycle.clients]
+        cycle.clients = []
 
 
 # Report
@@ -440,32 +492,36 @@ def report(cycles: list[Cycle], wanted: int, n_clients: int, interrupted: bool) 
     print("milliseconds from release_stream_server() start:")
     print(summary_line("release only", [c.release_ms for c in measured if c.release_ms]))
     print(summary_line("release+rebind", [c.total_ms for c in measured if c.total_ms]))
+    with_gc = [c for c in measured if c.gc_ms >= 0.05]
+    print(
+        f"garbage collection ran during {len(with_gc)} measured cycles "
+        f"(full collections in the run: {sum(1 for p in GC.pauses if p[2] == 2)})"
+    )
     slow = [c for c in measured if (c.release_ms or 0) >= SLOW_RELEASE_MS]
     print(f"releases >= {SLOW_RELEASE_MS:.0f} ms: {len(slow)}")
 
-    clients = [client for c in measured for client in c.clients]
-    ws = [client for client in clients if isinstance(client, WSClient)]
-    sse = [client for client in clients if isinstance(client, SSEClient)]
-    codes = Counter(client.close_code for client in ws if client.close_seen_at is not None)
+    outcomes = [o for c in measured for o in c.outcomes]
+    ws = [o for o in outcomes if o.kind == "ws"]
+    sse = [o for o in outcomes if o.kind == "sse"]
+    codes = Counter(o.close_code for o in ws if o.close_seen)
     print(
-        f"WebSocket: {len(ws)} clients; close frame seen by "
-        f"{sum(c.close_seen_at is not None for c in ws)} (codes {dict(codes)}), "
-        f"answered by {sum(c.answered for c in ws)}; "
-        f"ends {dict(Counter(c.end or 'still open' for c in ws))}"
+        f"WebSocket: {len(ws)} clients; close frame seen by {sum(o.close_seen for o in ws)} "
+        f"(codes {dict(codes)}), answered by {sum(o.answered for o in ws)}; "
+        f"ends {dict(Counter(o.end for o in ws))}"
     )
-    answer_errors = Counter(c.answer_error for c in ws if c.answer_error)
+    answer_errors = Counter(o.answer_error for o in ws if o.answer_error)
     if answer_errors:
         print(f"           close answer failed: {dict(answer_errors)}")
     print(
         f"SSE:       {len(sse)} clients; terminating chunk seen by "
-        f"{sum(c.finished_cleanly for c in sse)}; "
-        f"ends {dict(Counter(c.end or 'still open' for c in sse))}"
+        f"{sum(o.clean_end for o in sse)}; ends {dict(Counter(o.end for o in sse))}"
     )
     if measured:
         print("slowest cycles (release+rebind):")
         for c in sorted(measured, key=lambda c: c.total_ms or 0.0, reverse=True)[:5]:
             print(
                 f"  #{c.index:<5} release {c.release_ms:8.2f} ms  total {c.total_ms:8.2f} ms"
+                + (f"  (GC {c.gc_ms:.1f} ms during it)" if c.gc_ms >= 0.05 else "")
                 + (f"  {c.failure}" if c.failure else "")
             )
     if failed:
@@ -519,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         print("control:   WebSocket clients do NOT answer the close frame (--silent-ws)")
     sys.stdout.flush()
 
+    gc.callbacks.append(GC)
     cycles: list[Cycle] = []
     interrupted = False
     diagnosed = 0

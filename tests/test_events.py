@@ -13,8 +13,7 @@ from fractions import Fraction
 from typing import NoReturn
 
 import attrs
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from trainstream import events

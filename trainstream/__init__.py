@@ -13,25 +13,25 @@ from typing import TYPE_CHECKING, Any
 from trainstream._version import __version__
 
 if TYPE_CHECKING:
-    from trainstream.config import Config
+    from trainstream.config import Config as Config
     from trainstream.errors import (
-        ConfigConflictError,
-        ConfigError,
-        ListenError,
-        PortInUseError,
-        ReactorThreadError,
-        TrainstreamError,
+        ConfigConflictError as ConfigConflictError,
+        ConfigError as ConfigError,
+        ListenError as ListenError,
+        PortInUseError as PortInUseError,
+        ReactorThreadError as ReactorThreadError,
+        TrainstreamError as TrainstreamError,
     )
-    from trainstream.events import EventError
+    from trainstream.events import EventError as EventError
     from trainstream.manager import (
-        StreamServerManager,
-        get_stream_server,
-        get_stream_server_manager,
-        release_stream_server,
-        serve,
+        StreamServerManager as StreamServerManager,
+        get_stream_server as get_stream_server,
+        get_stream_server_manager as get_stream_server_manager,
+        release_stream_server as release_stream_server,
+        serve as serve,
     )
-    from trainstream.run import Run
-    from trainstream.service import StreamServer
+    from trainstream.run import Run as Run
+    from trainstream.service import StreamServer as StreamServer
 
 _EXPORTS = {
     "Config": "trainstream.config",

@@ -47,6 +47,8 @@ class Config:
     :param close_timeout: seconds a client gets to answer a close handshake
         before its connection is reset.
     :param max_history: events the in-memory history keeps.
+    :param client_buffer: bytes of events that may wait for one slow client
+        before its metrics are coalesced, and past that it is disconnected.
     :param stall_after: seconds without an event after which a running run is
         marked ``stalled``.
     """
@@ -67,6 +69,7 @@ class Config:
     close_timeout: float = 2.0
     max_history: int = 100_000
     stall_after: float = 120.0
+    client_buffer: int = 1 << 20
 
     @classmethod
     def from_value(cls, value: Config | Mapping[str, Any] | None) -> Config:
@@ -129,7 +132,7 @@ _STR_OR_NONE = {"listen", "db", "token", "token_file", "ports_file"}
 _STR = {"sse", "ws", "rest"}
 _BOOL = {"memory", "demo"}
 _FLOAT = {"keepalive", "close_timeout", "stall_after"}
-_INT = {"retry_ms", "max_history"}
+_INT = {"retry_ms", "max_history", "client_buffer"}
 
 
 def _coerce(key: str, value: object) -> Any:

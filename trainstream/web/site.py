@@ -95,8 +95,20 @@ class TrackingSite(Site):
 def build_site(server: StreamServer) -> Site:
     """One ``Site`` for every listener of ``server``."""
     config = server.config
-    sse = SSEResource(server.hub, server.clients, server.reactor, config.keepalive, config.retry_ms)
-    ws = WebSocketResource(StreamFactory(server.hub, server.clients, config.close_timeout))
+    sse = SSEResource(
+        server.hub,
+        server.clients,
+        server.reactor,
+        config.keepalive,
+        config.retry_ms,
+        config.client_buffer,
+        config.close_timeout,
+    )
+    ws = WebSocketResource(
+        StreamFactory(
+            server.hub, server.clients, server.reactor, config.close_timeout, config.client_buffer
+        )
+    )
     index = IndexPage(server)
     root = Root(index, sse, ws)
     root.putChild(b"api", RestApi(server).app.resource())

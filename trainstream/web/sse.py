@@ -5,7 +5,8 @@ optional replay from ``Last-Event-ID``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -16,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from trainstream.events import EVENT_TYPES, encode_json
-from trainstream.hub import Filter, Hub
+from trainstream.hub import DEFAULT_CLIENT_BUFFER, Filter, Hub, Subscription
 from trainstream.store import Record
 from trainstream.web.clients import Clients
 
@@ -76,18 +77,34 @@ def query_filter(request: Request) -> tuple[Filter, int | None]:
     return flt, None
 
 
+def annotated(record: Record, coalesced: Mapping[int, int]) -> str:
+    """The event's JSON, with ``"coalesced": n`` when values were folded into it."""
+    n = coalesced.get(record.id)
+    return record.json if not n else f'{record.json[:-1]},"coalesced":{n}}}'
+
+
 @implementer(IPushProducer)
 class SSEStream:
-    """One open ``text/event-stream`` response."""
+    """One open ``text/event-stream`` response: a ``Sink`` and a push producer."""
 
     def __init__(
-        self, request: Request, hub: Hub, clients: Clients, clock: IReactorTime, keepalive: float
+        self,
+        request: Request,
+        hub: Hub,
+        clients: Clients,
+        clock: IReactorTime,
+        keepalive: float,
+        buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
+        close_timeout: float = 2.0,
     ) -> None:
         self.request = request
         self.hub = hub
         self.clients = clients
-        self.paused = False
+        self.clock = clock
+        self.buffer_bytes = buffer_bytes
+        self.close_timeout = close_timeout
         self.closed = False
+        self.subscription: Subscription | None = None
         self._keepalive = LoopingCall(self._ping)
         self._keepalive.clock = clock
         self._keepalive_interval = keepalive
@@ -101,35 +118,54 @@ class SSEStream:
         request.registerProducer(self, True)
         request.notifyFinish().addBoth(self._finished)
         self.clients.sse.add(self)
-        self.hub.subscribe(self, flt, after)
         self._keepalive.start(self._keepalive_interval, now=False)
+        self.subscription = self.hub.subscribe(
+            self, flt, limit_bytes=self.buffer_bytes, clock=self.clock
+        )
+        self.subscription.start(after)
 
-    # Subscriber
+    # Sink
 
-    def deliver(self, records: Sequence[Record]) -> None:
+    def write(self, records: Sequence[Record], coalesced: Mapping[int, int]) -> None:
         if self.closed:
             return
         self.request.write(
-            "".join(f"id: {r.id}\nevent: {r.type}\ndata: {r.json}\n\n" for r in records).encode()
+            "".join(
+                f"id: {r.id}\nevent: {r.type}\ndata: {annotated(r, coalesced)}\n\n" for r in records
+            ).encode()
         )
 
     def reset(self, reason: str, oldest_id: int) -> None:
         data = encode_json({"reason": reason, "oldest_id": oldest_id})
         self.request.write(f"event: reset\ndata: {data}\n\n".encode())
 
-    # IPushProducer: the transport tells us when its buffer is full.
+    def overflow(self, reason: str, last_id: int) -> None:
+        """Too slow: say why after what it has, end the response, close."""
+        data = encode_json({"reason": reason, "last_id": last_id})
+        _log.info("SSE client {peer} too slow: closing", peer=self.request.getClientAddress())
+        self.request.write(f"event: overflow\ndata: {data}\n\n".encode())
+        self.close(reason)
+        transport = self.request.channel.transport if self.request.channel else None
+        if transport is not None:
+            # It may never read what is queued: reset it if it has not in time.
+            transport.loseConnection()
+            self.clock.callLater(self.close_timeout, _abort_if_open, transport)
+
+    # IPushProducer: the transport says when its buffer is full or drained.
 
     def pauseProducing(self) -> None:
-        self.paused = True
+        if self.subscription is not None:
+            self.subscription.pause()
 
     def resumeProducing(self) -> None:
-        self.paused = False
+        if self.subscription is not None and not self.closed:
+            self.subscription.resume()
 
     def stopProducing(self) -> None:
         self._cleanup()
 
     def close(self, reason: str) -> None:
-        """End the response (server stopping); the client may resume by id."""
+        """End the response (server stopping, or too slow); the client may resume by id."""
         if self.closed:
             return
         self._cleanup()
@@ -137,7 +173,8 @@ class SSEStream:
         self.request.finish()
 
     def _ping(self) -> None:
-        self.request.write(b": keepalive\n\n")
+        if self.subscription is None or not self.subscription.paused:
+            self.request.write(b": keepalive\n\n")
 
     def _finished(self, result: object) -> None:
         if isinstance(result, Failure):
@@ -150,8 +187,14 @@ class SSEStream:
         self.closed = True
         if self._keepalive.running:
             self._keepalive.stop()
-        self.hub.unsubscribe(self)
+        if self.subscription is not None:
+            self.hub.unsubscribe(self.subscription)
         self.clients.sse.discard(self)
+
+
+def _abort_if_open(transport: Any) -> None:
+    if getattr(transport, "connected", False):
+        transport.abortConnection()
 
 
 class SSEResource(Resource):
@@ -160,7 +203,14 @@ class SSEResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, hub: Hub, clients: Clients, clock: IReactorTime, keepalive: float, retry_ms: int
+        self,
+        hub: Hub,
+        clients: Clients,
+        clock: IReactorTime,
+        keepalive: float,
+        retry_ms: int,
+        buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
+        close_timeout: float = 2.0,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.hub = hub
@@ -168,6 +218,8 @@ class SSEResource(Resource):
         self.clock = clock
         self.keepalive = keepalive
         self.retry_ms = retry_ms
+        self.buffer_bytes = buffer_bytes
+        self.close_timeout = close_timeout
 
     def render_GET(self, request: Request) -> bytes | int:
         try:
@@ -176,7 +228,14 @@ class SSEResource(Resource):
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"application/json")
             return encode_json({"error": str(e)}).encode()
-        SSEStream(request, self.hub, self.clients, self.clock, self.keepalive).start(
-            flt, after, self.retry_ms
+        stream = SSEStream(
+            request,
+            self.hub,
+            self.clients,
+            self.clock,
+            self.keepalive,
+            self.buffer_bytes,
+            self.close_timeout,
         )
+        stream.start(flt, after, self.retry_ms)
         return NOT_DONE_YET

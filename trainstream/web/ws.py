@@ -5,18 +5,20 @@ WebSocket sessions (``/ws``): subscribe, publish, ping, as PROTOCOL section 5.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from trainstream._version import __version__
 from trainstream.events import EventError, encode_json
-from trainstream.hub import Hub
+from trainstream.hub import DEFAULT_CLIENT_BUFFER, Hub, Subscription
 from trainstream.store import Record
 from trainstream.web.clients import Clients
-from trainstream.web.sse import BadQueryError, filter_from_lists
+from trainstream.web.sse import BadQueryError, annotated, filter_from_lists
 
 _log = Logger()
 
@@ -31,14 +33,41 @@ def _reject_constant(name: str) -> Any:
     raise _ProtocolError(f'{name} is not valid JSON: send the string "{name}" instead')
 
 
+@implementer(IPushProducer)
+class _Flow:
+    """The session's push producer: the transport says when it is full or drained."""
+
+    def __init__(self, session: StreamSession) -> None:
+        self.session = session
+
+    def pauseProducing(self) -> None:
+        self.session.paused = True
+        if self.session.subscription is not None:
+            self.session.subscription.pause()
+
+    def resumeProducing(self) -> None:
+        self.session.paused = False
+        if self.session.subscription is not None:
+            self.session.subscription.resume()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class StreamSession(WebSocketServerProtocol):
-    """One WebSocket client."""
+    """One WebSocket client: a ``Sink`` for its subscription."""
 
     factory: StreamFactory
-    _subscribed = False
+    subscription: Subscription | None = None
+    paused = False
 
     def onOpen(self) -> None:
         self.factory.clients.ws.add(self)
+        # The HTTP channel that carried the upgrade is still the transport's
+        # producer; the session takes its place for flow control.
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.registerProducer(_Flow(self), True)
         self.send_json({"op": "hello", "version": __version__, "last_id": self.factory.hub.last_id})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -66,8 +95,16 @@ class StreamSession(WebSocketServerProtocol):
             unknown = sorted(set(message) - _SUBSCRIBE_KEYS)
             if unknown:
                 raise _ProtocolError(f"subscribe: unknown field {unknown[0]!r}")
-            if message.get("max_rate") is not None:
-                raise _ProtocolError("subscribe: max_rate is not supported by this server yet")
+            max_rate = message.get("max_rate")
+            if max_rate is not None and (
+                isinstance(max_rate, bool)
+                or not isinstance(max_rate, int | float)
+                or not 0 < max_rate <= 1000
+            ):
+                raise _ProtocolError(
+                    f'subscribe: "max_rate" must be a number of messages/s in (0, 1000], '
+                    f"got {max_rate!r}"
+                )
             flt = filter_from_lists(
                 runs=message.get("runs") or (),
                 names=message.get("names") or (),
@@ -76,12 +113,20 @@ class StreamSession(WebSocketServerProtocol):
             after = message.get("after")
             if after is not None and (type(after) is not int or after < 0):
                 raise _ProtocolError(f'subscribe: "after" must be an event id >= 0, got {after!r}')
-            hub.unsubscribe(self)
-            self._subscribed = True
-            hub.subscribe(self, flt, after)
+            self._unsubscribe()
+            factory = self.factory
+            self.subscription = hub.subscribe(
+                self,
+                flt,
+                limit_bytes=factory.buffer_bytes,
+                clock=factory.clock,
+                min_interval=1.0 / max_rate if max_rate else 0.0,
+            )
+            if self.paused:
+                self.subscription.pause()
+            self.subscription.start(after)
         elif op == "unsubscribe":
-            hub.unsubscribe(self)
-            self._subscribed = False
+            self._unsubscribe()
         elif op == "publish":
             accepted, first, last = hub.accept(message.get("events"))
             self.send_json({"op": "ack", "accepted": accepted, "first_id": first, "last_id": last})
@@ -92,11 +137,23 @@ class StreamSession(WebSocketServerProtocol):
                 f"unknown op {op!r}; ops are subscribe, unsubscribe, publish, ping"
             )
 
-    # Subscriber
+    def _unsubscribe(self) -> None:
+        if self.subscription is not None:
+            self.factory.hub.unsubscribe(self.subscription)
+            self.subscription = None
 
-    def deliver(self, records: Sequence[Record]) -> None:
-        body = ",".join(r.json for r in records)
-        self.sendMessage(f'{{"op":"events","events":[{body}]}}'.encode())  # type: ignore[no-untyped-call]
+    # Sink
+
+    def write(self, records: Sequence[Record], coalesced: Mapping[int, int]) -> None:
+        body = ",".join(annotated(r, coalesced) for r in records)
+        frame = f'{{"op":"events","events":[{body}]}}'.encode()
+        self.sendMessage(frame)  # type: ignore[no-untyped-call]
+
+    def overflow(self, reason: str, last_id: int) -> None:
+        """Too slow: say why and where to resume, then close (1013, try again later)."""
+        self.subscription = None
+        self.send_json({"op": "error", "error": reason, "last_id": last_id})
+        self.sendCloseFrame(code=1013, reasonUtf8=b"too slow: resume by id", isReply=False)
 
     def reset(self, reason: str, oldest_id: int) -> None:
         self.send_json({"op": "reset", "reason": reason, "oldest_id": oldest_id})
@@ -108,7 +165,7 @@ class StreamSession(WebSocketServerProtocol):
         self.sendCloseFrame(code=1001, reasonUtf8=reason.encode()[:120], isReply=False)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.hub.unsubscribe(self)
+        self._unsubscribe()
         self.factory.clients.ws.discard(self)
 
     def send_json(self, obj: dict[str, object]) -> None:
@@ -120,10 +177,19 @@ class StreamFactory(WebSocketServerFactory):
 
     protocol = StreamSession  # type: ignore[assignment]
 
-    def __init__(self, hub: Hub, clients: Clients, close_timeout: float) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        clients: Clients,
+        clock: IReactorTime,
+        close_timeout: float,
+        buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.hub = hub
         self.clients = clients
+        self.clock = clock
+        self.buffer_bytes = buffer_bytes
         self.setProtocolOptions(  # type: ignore[no-untyped-call]
             closeHandshakeTimeout=close_timeout, openHandshakeTimeout=10
         )
