@@ -18,6 +18,7 @@ from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
 from trainstream._version import __version__
+from trainstream.web.access import Access
 from trainstream.web.rest import RestApi
 from trainstream.web.sse import SSEResource
 from trainstream.web.ws import StreamFactory
@@ -84,10 +85,16 @@ class TrackingSite(Site):
     client will close it first (see ``service.TrackedConnection``).
     """
 
+    access: Access | None = None
+
     def getResourceFor(self, request: Request) -> IResource:
         transport: Any = request.channel.transport if request.channel is not None else None
         if hasattr(transport, "peer_closes_first"):
             transport.peer_closes_first = request.clientproto == b"HTTP/1.1"
+        if self.access is not None:
+            refused = self.access.refuse(request)
+            if refused is not None:
+                return refused
         resource: IResource = super().getResourceFor(request)  # type: ignore[no-untyped-call]
         return resource
 
@@ -115,6 +122,11 @@ def build_site(server: StreamServer) -> Site:
     root.putChild(b"events", sse)
     root.putChild(b"ws", ws)
     site = TrackingSite(root, reactor=server.reactor)  # type: ignore[no-untyped-call]
+    site.access = Access(
+        server.token,
+        config.allow_origin,
+        lambda: {p for p in (listener.port_number for listener in server.listeners) if p},
+    )
     site.displayTracebacks = False
     site.noisy = False
     return site
