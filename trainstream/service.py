@@ -79,10 +79,20 @@ class TrackedConnection(ProtocolWrapper):
             self.factory.close_grace, self._force_close
         )
 
+    def close_within(self, seconds: float) -> None:
+        """Close once our data is flushed, or reset if that takes over ``seconds``."""
+        self.disconnecting = 1
+        _lose(self._transport())
+        self._close_call = self.factory.reactor.callLater(seconds, self._abort)
+
+    def _abort(self) -> None:
+        self._close_call = None
+        self._transport().abortConnection()
+
     def _force_close(self) -> None:
         self._close_call = None
         _reset_on_close(self)
-        self._transport().loseConnection()
+        _lose(self._transport())
 
     def _transport(self) -> Any:
         return self.transport
@@ -148,6 +158,16 @@ def _reset_on_close(wrapper: ProtocolWrapper) -> None:
         transport = getattr(transport, "transport", None)
         if transport is None:
             return
+
+
+def _lose(transport: Any) -> None:
+    """
+    ``loseConnection`` that completes: a transport with a paused producer
+    (the HTTP channel) would resume it when drained instead of closing.
+    """
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
+    transport.loseConnection()
 
 
 @define
@@ -321,7 +341,7 @@ class StreamServer(MultiService):
                 else:
                     # Plain HTTP (SSE streams are finished by now): flush, then reset.
                     _reset_on_close(wrapper)
-                    wrapper.transport.loseConnection()
+                    _lose(wrapper.transport)
         everyone_gone = gatherResults([f.when_empty() for f in factories])
         deadline = self.reactor.callLater(
             self.config.close_timeout + 0.5, self._abort_all, factories

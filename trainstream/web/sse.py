@@ -6,7 +6,6 @@ optional replay from ``Last-Event-ID``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -77,6 +76,11 @@ def query_filter(request: Request) -> tuple[Filter, int | None]:
     return flt, None
 
 
+# A slow client needs time to read what is queued before the end; only that
+# (bounded) queue is held meanwhile.
+OVERFLOW_CLOSE_TIMEOUT = 30.0
+
+
 def annotated(record: Record, coalesced: Mapping[int, int]) -> str:
     """The event's JSON, with ``"coalesced": n`` when values were folded into it."""
     n = coalesced.get(record.id)
@@ -144,12 +148,14 @@ class SSEStream:
         data = encode_json({"reason": reason, "last_id": last_id})
         _log.info("SSE client {peer} too slow: closing", peer=self.request.getClientAddress())
         self.request.write(f"event: overflow\ndata: {data}\n\n".encode())
+        channel = getattr(self.request, "channel", None)
+        transport = getattr(channel, "transport", None)
         self.close(reason)
-        transport = self.request.channel.transport if self.request.channel else None
-        if transport is not None:
+        if transport is not None and hasattr(transport, "close_within"):
             # It may never read what is queued: reset it if it has not in time.
+            transport.close_within(OVERFLOW_CLOSE_TIMEOUT)
+        elif transport is not None:
             transport.loseConnection()
-            self.clock.callLater(self.close_timeout, _abort_if_open, transport)
 
     # IPushProducer: the transport says when its buffer is full or drained.
 
@@ -190,11 +196,6 @@ class SSEStream:
         if self.subscription is not None:
             self.hub.unsubscribe(self.subscription)
         self.clients.sse.discard(self)
-
-
-def _abort_if_open(transport: Any) -> None:
-    if getattr(transport, "connected", False):
-        transport.abortConnection()
 
 
 class SSEResource(Resource):

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -23,6 +24,9 @@ from trainstream.web.sse import BadQueryError, annotated, filter_from_lists
 _log = Logger()
 
 _SUBSCRIBE_KEYS = {"op", "runs", "names", "types", "after", "max_rate"}
+
+
+OVERFLOW_CLOSE_TIMEOUT = 30.0
 
 
 class _ProtocolError(ValueError):
@@ -60,6 +64,7 @@ class StreamSession(WebSocketServerProtocol):
     factory: StreamFactory
     subscription: Subscription | None = None
     paused = False
+    _deadline: IDelayedCall | None = None
 
     def onOpen(self) -> None:
         self.factory.clients.ws.add(self)
@@ -145,26 +150,39 @@ class StreamSession(WebSocketServerProtocol):
     # Sink
 
     def write(self, records: Sequence[Record], coalesced: Mapping[int, int]) -> None:
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            self._unsubscribe()  # closing: nothing more goes out
+            return
         body = ",".join(annotated(r, coalesced) for r in records)
         frame = f'{{"op":"events","events":[{body}]}}'.encode()
         self.sendMessage(frame)  # type: ignore[no-untyped-call]
 
     def overflow(self, reason: str, last_id: int) -> None:
         """Too slow: say why and where to resume, then close (1013, try again later)."""
-        self.subscription = None
+        self.subscription = None  # the hub has dropped it already
         self.send_json({"op": "error", "error": reason, "last_id": last_id})
+        # A slow client needs time to read what is queued before the close;
+        # only that (bounded) queue is held meanwhile. Our own timer: it is
+        # cancelled with the connection, unlike Autobahn's batched one.
+        self.closeHandshakeTimeout = 0
         self.sendCloseFrame(code=1013, reasonUtf8=b"too slow: resume by id", isReply=False)
+        self._deadline = self.factory.clock.callLater(
+            OVERFLOW_CLOSE_TIMEOUT, self.dropConnection, True
+        )
 
     def reset(self, reason: str, oldest_id: int) -> None:
         self.send_json({"op": "reset", "reason": reason, "oldest_id": oldest_id})
 
     def close(self, reason: str) -> None:
         """Send a 1001 close frame; the stop sequence waits for the answer."""
+        self._unsubscribe()
         # sendClose() admits only application codes (1000, 3000-4999); 1001
         # "going away" is the protocol's own code for a server shutting down.
         self.sendCloseFrame(code=1001, reasonUtf8=reason.encode()[:120], isReply=False)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         self._unsubscribe()
         self.factory.clients.ws.discard(self)
 
