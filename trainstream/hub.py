@@ -368,7 +368,7 @@ class Hub:
             subscription.offer(records)
         for observer in self.observers:
             observer(records)
-        return (len(records), first, self._next_id - 1)
+        return (len(records), first, records[-1].id)  # observers may have published since
 
     def subscribe(
         self,

@@ -1,27 +1,300 @@
 """
 What the server knows of each run: state, hyperparameters, per-metric
 summaries; stall detection and NaN alerts.
+
+The registry is built only from published events (``Hub.observers``), so it
+tells the same story as the event stream, and a client that replays the
+stream can derive the same states:
+
+- A run's state is the ``state`` of its latest status event. A run whose
+  first event is not a status starts as ``running``.
+- A metric event moves a ``created`` run to ``running``; a metric, log or
+  hparams event moves a ``stalled`` run back to ``running``. These moves are
+  derived only: no status event is published for them, since the event
+  that caused them is already on the stream.
+- A ``running`` or ``created`` run that sent no event (alerts do not count:
+  they are about a run, not from it) for ``stall_after`` seconds of the
+  server's clock is marked stalled by publishing
+  ``{"type": "status", "state": "stalled", "message": "no event for N s"}``.
+- The first non-finite value (NaN, Infinity, -Infinity) of each (run, metric
+  name) publishes one ``{"type": "alert", "kind": "nan", "name": ...}``;
+  an alert of kind ``nan`` already in the history counts as that one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
+from attrs import Factory, define
 from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
+from trainstream.events import STATES
 from trainstream.hub import Hub
 from trainstream.store import Record
 
+_log = Logger()
+
+#: States in which a run is expected to keep sending events.
+WATCHED_STATES = frozenset({"running", "created"})
+#: Event types that move a stalled run back to running.
+_ALIVE_TYPES = frozenset({"metric", "log", "hparams"})
+
+
+@define
+class MetricSummary:
+    """
+    One metric of one run. ``min`` and ``max`` are over finite values only
+    (``None`` until there is one); ``count`` counts every value.
+    """
+
+    count: int = 0
+    last_step: int | None = None
+    last_value: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def add(self, step: int, value: float) -> None:
+        self.count += 1
+        self.last_step = step
+        self.last_value = value
+        if isinstance(value, float) and not math.isfinite(value):
+            return
+        if self.min is None or value < self.min:
+            self.min = value
+        if self.max is None or value > self.max:
+            self.max = value
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "count": self.count,
+            "last_step": self.last_step,
+            "last_value": self.last_value,
+            "min": self.min,
+            "max": self.max,
+        }
+
+
+@define
+class RunInfo:
+    """
+    What the registry keeps of one run.
+
+    :ivar created: event time of its first event.
+    :ivar updated: latest event time seen.
+    :ivar last_step: step of its latest metric event.
+    :ivar last_seen: the server clock's ``seconds()`` at its latest event
+        (alerts excepted), for stall detection.
+    """
+
+    run: str
+    state: str
+    created: float
+    updated: float
+    last_seen: float
+    last_step: int | None = None
+    hparams: dict[str, object] = Factory(dict)
+    metrics: dict[str, MetricSummary] = Factory(dict)
+
+    def summary(self) -> dict[str, object]:
+        """The run as ``GET /api/runs`` lists it."""
+        return {
+            "run": self.run,
+            "state": self.state,
+            "created": self.created,
+            "updated": self.updated,
+            "last_step": self.last_step,
+            "metrics": list(self.metrics),
+        }
+
+    def detail(self) -> dict[str, object]:
+        """The run as ``GET /api/runs/{run}`` shows it."""
+        return {
+            "run": self.run,
+            "state": self.state,
+            "created": self.created,
+            "updated": self.updated,
+            "last_step": self.last_step,
+            "hparams": dict(self.hparams),
+            "metrics": {name: m.to_json() for name, m in self.metrics.items()},
+        }
+
+
+def _non_finite_text(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
 
 class RunsService(Service):
-    """Watches every published batch (``Hub.observers``)."""
+    """
+    The runs registry of one server. Watches every published batch
+    (``Hub.observers``); while running, checks for stalled runs on a
+    ``LoopingCall`` driven by ``clock``.
 
-    def __init__(self, hub: Hub, clock: Any, stall_after: float) -> None:
+    :param clock: an ``IReactorTime`` (the server's reactor, or a ``Clock``).
+    :param stall_after: seconds without an event before a run is stalled.
+    :param check_interval: seconds between stall checks; by default a
+        quarter of ``stall_after``, at most one second.
+    """
+
+    def __init__(
+        self, hub: Hub, clock: Any, stall_after: float, check_interval: float | None = None
+    ) -> None:
         self.hub = hub
         self.clock = clock
         self.stall_after = stall_after
+        self.check_interval = (
+            check_interval if check_interval is not None else min(1.0, stall_after / 4)
+        )
+        self._runs: dict[str, RunInfo] = {}
+        self._nan_alerted: set[tuple[str, str]] = set()
+        self._loop: LoopingCall | None = None
+        #: Status ``stalled`` and ``nan`` alert events this registry published.
+        self.stalls_total = 0
+        self.nan_alerts_total = 0
+        # A persistent history already holds runs: know them without alerting again.
+        self._apply_all(hub.store.after(0, lambda r: True), [])
         hub.observers.append(self.observe)
 
+    # Service
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        loop = LoopingCall(self._check_logged)
+        loop.clock = self.clock
+        loop.start(self.check_interval, now=False)
+        self._loop = loop
+
+    def stopService(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        super().stopService()  # type: ignore[no-untyped-call]
+
+    # Queries
+
+    def get(self, run: str) -> RunInfo | None:
+        return self._runs.get(run)
+
+    def all(self) -> list[RunInfo]:
+        """Every known run, in the order each was first seen."""
+        return list(self._runs.values())
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(sorted(STATES), 0)
+        for info in self._runs.values():
+            counts[info.state] = counts.get(info.state, 0) + 1
+        return counts
+
+    # Changes
+
     def observe(self, records: Sequence[Record]) -> None:
-        """Update the registry from a published batch."""
+        """Update the registry from a published batch; publish NaN alerts."""
+        alerts: list[dict[str, object]] = []
+        self._apply_all(records, alerts)
+        if alerts:
+            self.nan_alerts_total += len(alerts)
+            self.hub.accept(alerts)
+
+    def check_stalls(self) -> None:
+        """Publish ``stalled`` for every watched run silent for ``stall_after`` s."""
+        now = self.clock.seconds()
+        events: list[dict[str, object]] = []
+        for info in self._runs.values():
+            silent = now - info.last_seen
+            if info.state in WATCHED_STATES and silent >= self.stall_after:
+                events.append(
+                    {
+                        "type": "status",
+                        "run": info.run,
+                        "state": "stalled",
+                        "message": f"no event for {round(silent, 1):g} s",
+                    }
+                )
+        if events:
+            self.stalls_total += len(events)
+            self.hub.accept(events)
+
+    def _check_logged(self) -> None:
+        try:
+            self.check_stalls()
+        except Exception:
+            # Keep checking: one bad pass must not end stall detection.
+            _log.failure("stall check failed")
+
+    def delete(self, run: str) -> int | None:
+        """
+        Remove ``run``'s history from the store and forget it.
+
+        :return: how many stored events were removed, or ``None`` if the run
+            is neither known nor stored.
+        """
+        known = run in self._runs
+        removed = self.hub.store.delete_run(run)
+        self.forget(run)
+        return removed if known or removed else None
+
+    def forget(self, run: str) -> None:
+        self._runs.pop(run, None)
+        self._nan_alerted = {key for key in self._nan_alerted if key[0] != run}
+
+    def _apply_all(self, records: Iterable[Record], alerts: list[dict[str, object]]) -> None:
+        now = self.clock.seconds()
+        for record in records:
+            self._apply(record, now, alerts)
+
+    def _apply(self, record: Record, now: float, alerts: list[dict[str, object]]) -> None:
+        event = record.event
+        kind = record.type
+        time = cast(float, event["time"])
+        info = self._runs.get(record.run)
+        if info is None:
+            state = cast(str, event["state"]) if kind == "status" else "running"
+            info = RunInfo(record.run, state, created=time, updated=time, last_seen=now)
+            self._runs[record.run] = info
+        else:
+            info.updated = max(info.updated, time)
+        if kind == "alert":
+            if event.get("kind") == "nan" and record.name is not None:
+                self._nan_alerted.add((record.run, record.name))
+            return
+        info.last_seen = now
+        if kind == "status":
+            info.state = cast(str, event["state"])
+            return
+        if info.state == "stalled" and kind in _ALIVE_TYPES:
+            info.state = "running"
+        if kind == "hparams":
+            info.hparams.update(cast(dict[str, object], event["params"]))
+        elif kind == "metric":
+            name = cast(str, record.name)
+            step = cast(int, event["step"])
+            value = cast(float, event["value"])
+            if info.state == "created":
+                info.state = "running"
+            info.last_step = step
+            summary = info.metrics.get(name)
+            if summary is None:
+                summary = info.metrics[name] = MetricSummary()
+            summary.add(step, value)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = (record.run, name)
+                if key not in self._nan_alerted:
+                    self._nan_alerted.add(key)
+                    alerts.append(
+                        {
+                            "type": "alert",
+                            "run": record.run,
+                            "kind": "nan",
+                            "name": name,
+                            "message": f"{name} is {_non_finite_text(value)} at step {step}",
+                        }
+                    )
+
+
+__all__ = ["WATCHED_STATES", "MetricSummary", "RunInfo", "RunsService"]

@@ -1,13 +1,21 @@
 """
 Where events are kept: one interface, with memory (and later SQLite) behind it.
+
+Also the one pure function every store's metric history goes through before
+it reaches a client, :func:`downsample`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from attrs import frozen
+
+#: One point of a metric's history: ``(step, value, time)``. ``value`` may be
+#: a non-finite float (NaN, infinities); the JSON codec writes those as strings.
+Point = tuple[int, float, float]
 
 
 @frozen
@@ -26,7 +34,7 @@ class Record:
 
 
 class Store(Protocol):
-    """What the Hub needs of a history."""
+    """What the Hub, the runs registry and the REST API need of a history."""
 
     epoch: str
 
@@ -36,7 +44,12 @@ class Store(Protocol):
 
     @property
     def oldest_id(self) -> int:
-        """The id of the oldest stored event, ``last_id + 1`` when empty."""
+        """
+        Every event the history was given with an id from this one on is
+        still held, unless a client deleted its run; ids below it were
+        trimmed. ``last_id + 1`` when nothing was ever trimmed from an empty
+        history.
+        """
 
     def append(self, records: Sequence[Record]) -> None:
         """Keep ``records`` (ids strictly above ``last_id``, in order)."""
@@ -46,8 +59,64 @@ class Store(Protocol):
     ) -> list[Record]:
         """Stored records with id above ``after_id`` that ``match``, in id order."""
 
+    def series(
+        self, run: str, name: str, from_step: int | None = None, to_step: int | None = None
+    ) -> list[Point]:
+        """
+        The stored points of metric ``name`` of ``run`` with ``from_step <=
+        step <= to_step`` (either bound may be ``None``), in id order.
+        """
+
+    def delete_run(self, run: str) -> int:
+        """Forget every stored event of ``run``; return how many there were."""
+
     def close(self) -> None:
         """Release what the store holds open."""
 
 
-__all__ = ["Record", "Store"]
+def _max_key(value: float) -> tuple[int, float]:
+    # NaN ranks above +Infinity: a bucket holding a NaN shows it as its maximum.
+    return (1, 0.0) if math.isnan(value) else (0, value)
+
+
+def downsample(points: Sequence[Point], max_points: int) -> tuple[list[Point], bool]:
+    """
+    Sort ``points`` by step (stable) and, if there are more than
+    ``max_points``, thin them without hiding a spike.
+
+    The step range is cut into ``max_points // 2`` equal buckets, bucket
+    ``(step - first_step) * buckets // (last_step - first_step + 1)``; each
+    bucket keeps its point of minimum value and its point of maximum value
+    (the first of equals; one point when they are the same). NaN counts as
+    above every number, so a bucket holding a NaN keeps one.
+
+    :param max_points: at least 2.
+    :return: the points in step order, and whether any were dropped.
+    """
+    if max_points < 2:
+        raise ValueError(f"max_points must be at least 2, got {max_points}")
+    ordered = sorted(points, key=lambda p: p[0])
+    if len(ordered) <= max_points:
+        return ordered, False
+    buckets = max_points // 2
+    first = ordered[0][0]
+    span = ordered[-1][0] - first + 1
+    out: list[Point] = []
+    bucket = -1
+    low = high = 0
+    for i, point in enumerate(ordered):
+        b = (point[0] - first) * buckets // span
+        if b != bucket:
+            if bucket >= 0:
+                out.extend(ordered[j] for j in sorted({low, high}))
+            bucket, low, high = b, i, i
+            continue
+        if _max_key(point[1]) < _max_key(ordered[low][1]):
+            low = i
+        if _max_key(point[1]) > _max_key(ordered[high][1]):
+            high = i
+    out.extend(ordered[j] for j in sorted({low, high}))
+    return out, True
+
+
+__all__ = ["Point", "Record", "Store", "downsample"]

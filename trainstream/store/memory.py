@@ -9,8 +9,9 @@ import itertools
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import cast
 
-from trainstream.store import Record
+from trainstream.store import Point, Record
 
 
 class MemoryStore:
@@ -21,8 +22,12 @@ class MemoryStore:
 
     def __init__(self, max_events: int = 100_000) -> None:
         self.epoch = uuid.uuid4().hex
+        self._max_events = max_events
         self._records: deque[Record] = deque(maxlen=max_events)
         self._last_id = 0
+        # Ids below this were trimmed (not deleted on request): a client
+        # resuming from before it has missed events.
+        self._floor = 1
 
     @property
     def last_id(self) -> int:
@@ -30,12 +35,16 @@ class MemoryStore:
 
     @property
     def oldest_id(self) -> int:
-        return self._records[0].id if self._records else self._last_id + 1
+        return self._floor
 
     def append(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        trims = len(self._records) + len(records) > self._max_events
         self._records.extend(records)
-        if records:
-            self._last_id = records[-1].id
+        self._last_id = records[-1].id
+        if trims:
+            self._floor = self._records[0].id
 
     def after(
         self, after_id: int, match: Callable[[Record], bool], limit: int | None = None
@@ -49,6 +58,27 @@ class MemoryStore:
                 if limit is not None and len(out) >= limit:
                     break
         return out
+
+    def series(
+        self, run: str, name: str, from_step: int | None = None, to_step: int | None = None
+    ) -> list[Point]:
+        low = from_step if from_step is not None else 0
+        high = to_step if to_step is not None else 2**63
+        points: list[Point] = []
+        for record in self._records:
+            if record.name == name and record.run == run and record.type == "metric":
+                event = record.event
+                step = cast(int, event["step"])
+                if low <= step <= high:
+                    points.append((step, cast(float, event["value"]), cast(float, event["time"])))
+        return points
+
+    def delete_run(self, run: str) -> int:
+        kept = [r for r in self._records if r.run != run]
+        removed = len(self._records) - len(kept)
+        if removed:
+            self._records = deque(kept, maxlen=self._max_events)
+        return removed
 
     def close(self) -> None:
         self._records.clear()

@@ -4,7 +4,9 @@ The REST API under ``/api`` (Klein): answers are JSON, errors too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.logger import Logger
@@ -15,6 +17,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from trainstream._version import __version__
 from trainstream.events import BodyTooLarge, EventError, decode_body, encode_json
+from trainstream.store import downsample
+from trainstream.web.openapi import openapi_document
 from trainstream.web.sse import BadQueryError, filter_from_lists, parse_event_id
 
 if TYPE_CHECKING:
@@ -24,10 +28,103 @@ _log = Logger()
 
 
 def json_response(request: IRequest, obj: object, code: int = 200) -> bytes:
+    return _json_bytes(request, encode_json(obj).encode(), code)
+
+
+def _json_bytes(request: IRequest, body: bytes, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    return encode_json(obj).encode()
+    return body
+
+
+#: Points a metric history holds at most when the client gives no ``max_points``.
+DEFAULT_MAX_POINTS = 10_000
+MAX_MAX_POINTS = 1_000_000
+
+
+class BadParameterError(BadQueryError):
+    """A query parameter is wrong: 400 ``{"error", "parameter"}``."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
+def int_param(
+    args: Mapping[bytes, Sequence[bytes]],
+    name: str,
+    minimum: int,
+    maximum: int = 2**63 - 1,
+) -> int | None:
+    """
+    The integer query parameter ``name`` in ``[minimum, maximum]``, or
+    ``None`` when absent.
+
+    :raises BadParameterError: naming ``name`` when it is repeated or not such an integer.
+    """
+    values = args.get(name.encode())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadParameterError(
+            name, f"query parameter {name} is given {len(values)} times; give it once"
+        )
+    raw = values[0].decode("utf-8", "replace")
+    try:
+        value = int(raw.strip()) if raw.strip().lstrip("+-").isdigit() else None
+    except ValueError:  # over int()'s digit limit
+        value = None
+    if value is None or not minimum <= value <= maximum:
+        bounds = f">= {minimum}" if maximum == 2**63 - 1 else f"from {minimum} to {maximum}"
+        raise BadParameterError(
+            name, f"query parameter {name} must be an integer {bounds}, got {raw[:40]!r}"
+        )
+    return value
+
+
+def split_run_path(raw_segments: Sequence[bytes]) -> tuple[str, str | None]:
+    """
+    Split the still percent-encoded path segments after ``/api/runs/`` into
+    a run name and, for a metric history, a metric name.
+
+    The rule: the path is split at its first segment (after the first) that
+    is literally ``metrics``; before it is the run, after it the metric name.
+    A ``/`` inside either name may be sent as is or as ``%2F``. A run name
+    that has a ``metrics`` segment of its own must be sent with its slashes
+    encoded (``a%2Fmetrics%2Fb``), since such a segment is never split.
+    """
+
+    def decode(segments: Sequence[bytes]) -> str:
+        return "/".join(unquote_to_bytes(s).decode("utf-8", "replace") for s in segments)
+
+    for k in range(1, len(raw_segments) - 1):
+        if raw_segments[k] == b"metrics":
+            return decode(raw_segments[:k]), decode(raw_segments[k + 1 :])
+    return decode(raw_segments), None
+
+
+def _raw_tail(request: IRequest, decoded_tail: str) -> list[bytes]:
+    """
+    The raw (percent-encoded) path segments after ``.../runs/`` that Klein
+    matched, decoded, as ``decoded_tail``: Twisted decodes ``%2F`` before
+    Klein sees the path, so only the raw path tells ``a%2Fb`` from ``a/b``.
+    """
+    path: bytes = request.path
+    raw = path.split(b"/")
+    decoded = [unquote_to_bytes(s) for s in raw]
+    target = decoded_tail.encode("utf-8")
+    for j in range(len(raw) - 1):
+        if decoded[j] == b"runs" and b"/".join(decoded[j + 1 :]) == target:
+            return raw[j + 1 :]
+    return decoded_tail.encode("utf-8").split(b"/")  # pragma: no cover - Klein gave the tail
+
+
+def _no_run(request: IRequest, run: str) -> bytes:
+    hint = ""
+    if "/" in run:
+        hint = "; a run name with '/' in it may be sent with '%2F' for each '/'"
+    return json_response(request, {"error": f"no run named {run!r}{hint}"}, 404)
 
 
 class RestApi:
@@ -37,6 +134,7 @@ class RestApi:
 
     def __init__(self, server: StreamServer) -> None:
         self.server = server
+        self._openapi: bytes | None = None
 
     @app.route("/health", methods=["GET"])
     def health(self, request: Request) -> bytes:
@@ -100,6 +198,71 @@ class RestApi:
         body = ",".join(r.json for r in records)
         request.setHeader(b"content-type", b"application/json")
         return f'{{"events":[{body}],"last_id":{hub.last_id}}}'.encode()
+
+    @app.route("/runs", methods=["GET"])
+    def list_runs(self, request: Request) -> bytes:
+        return json_response(request, {"runs": [info.summary() for info in self.server.runs.all()]})
+
+    @app.route("/runs/<path:tail>", methods=["GET", "DELETE"])
+    def run_path(self, request: Request, tail: str) -> bytes:
+        """``/runs/{run}`` and ``/runs/{run}/metrics/{name}``: see ``split_run_path``."""
+        run, name = split_run_path(_raw_tail(request, tail))
+        if request.method == b"DELETE":
+            if name is not None:
+                request.setHeader(b"allow", b"GET, HEAD")
+                return json_response(
+                    request,
+                    {
+                        "error": "DELETE is not allowed on a metric history; "
+                        "DELETE /api/runs/{run} removes the whole run"
+                    },
+                    405,
+                )
+            return self._delete_run(request, run)
+        if name is None:
+            info = self.server.runs.get(run)
+            if info is None:
+                return _no_run(request, run)
+            return json_response(request, info.detail())
+        return self._metric_series(request, run, name)
+
+    def _delete_run(self, request: Request, run: str) -> bytes:
+        removed = self.server.runs.delete(run)
+        if removed is None:
+            return _no_run(request, run)
+        _log.info("run {run} deleted ({n} events)", run=run, n=removed)
+        return json_response(request, {"run": run, "deleted": removed})
+
+    def _metric_series(self, request: Request, run: str, name: str) -> bytes:
+        args: dict[bytes, list[bytes]] = request.args or {}
+        try:
+            from_step = int_param(args, "from_step", 0)
+            to_step = int_param(args, "to_step", 0)
+            max_points = int_param(args, "max_points", 2, MAX_MAX_POINTS)
+            if from_step is not None and to_step is not None and from_step > to_step:
+                raise BadParameterError(
+                    "to_step", f"to_step ({to_step}) must not be below from_step ({from_step})"
+                )
+        except BadParameterError as e:
+            return json_response(request, {"error": str(e), "parameter": e.parameter}, 400)
+        info = self.server.runs.get(run)
+        if info is None:
+            return _no_run(request, run)
+        if name not in info.metrics:
+            return json_response(request, {"error": f"run {run!r} has no metric {name!r}"}, 404)
+        points = self.server.hub.store.series(run, name, from_step, to_step)
+        kept, downsampled = downsample(
+            points, max_points if max_points is not None else DEFAULT_MAX_POINTS
+        )
+        return json_response(
+            request, {"run": run, "name": name, "points": kept, "downsampled": downsampled}
+        )
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: Request) -> bytes:
+        if self._openapi is None:
+            self._openapi = encode_json(openapi_document()).encode()
+        return _json_bytes(request, self._openapi)
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

@@ -18,6 +18,7 @@ from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
 from trainstream._version import __version__
+from trainstream.metrics import MetricsResource
 from trainstream.web.access import Access
 from trainstream.web.rest import RestApi
 from trainstream.web.sse import SSEResource
@@ -119,6 +120,7 @@ def build_site(server: StreamServer) -> Site:
     index = IndexPage(server)
     root = Root(index, sse, ws)
     root.putChild(b"api", RestApi(server).app.resource())
+    root.putChild(b"metrics", MetricsResource(server))
     root.putChild(b"events", sse)
     root.putChild(b"ws", ws)
     site = TrackingSite(root, reactor=server.reactor)  # type: ignore[no-untyped-call]

@@ -1,0 +1,115 @@
+"""
+The server's own counters for Prometheus, at ``GET /metrics``.
+
+Each server has its own ``CollectorRegistry`` (never the process-wide
+default one), so two servers in one process, or a training script that uses
+``prometheus_client`` itself, never mix their numbers. Values are read from
+the server when scraped; nothing on the event path counts for Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from trainstream._version import __version__
+
+if TYPE_CHECKING:
+    from trainstream.service import StreamServer
+
+
+class ServerCollector(Collector):
+    """Reads one server's numbers at scrape time."""
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        hub = server.hub
+        info = GaugeMetricFamily(
+            "trainstream_info", "trainstream version and history epoch", labels=["version", "epoch"]
+        )
+        info.add_metric([__version__, hub.store.epoch], 1)
+        yield info
+        yield CounterMetricFamily(
+            "trainstream_events_accepted",
+            "Events accepted since the server was created (publishers and the server's own)",
+            value=hub.accepted_total,
+        )
+        yield GaugeMetricFamily(
+            "trainstream_last_event_id", "Id of the newest event", value=hub.last_id
+        )
+        yield GaugeMetricFamily(
+            "trainstream_oldest_event_id",
+            "Events from this id on are still held (older ones were trimmed)",
+            value=hub.store.oldest_id,
+        )
+        clients = GaugeMetricFamily(
+            "trainstream_clients", "Open streaming clients by kind", labels=["kind"]
+        )
+        for kind, count in sorted(server.clients.counts().items()):
+            clients.add_metric([kind], count)
+        yield clients
+        yield GaugeMetricFamily(
+            "trainstream_subscribers", "Live subscriptions on the hub", value=hub.subscriber_count
+        )
+        yield CounterMetricFamily(
+            "trainstream_coalesced_events",
+            "Metric events folded into a newer value for a slow client",
+            value=hub.coalesced_total,
+        )
+        yield CounterMetricFamily(
+            "trainstream_client_overflows",
+            "Clients disconnected for reading too slowly",
+            value=hub.overflows,
+        )
+        runs = server.runs
+        yield GaugeMetricFamily("trainstream_runs", "Runs the server knows", value=len(runs))
+        by_state = GaugeMetricFamily(
+            "trainstream_runs_by_state", "Runs the server knows, by state", labels=["state"]
+        )
+        for state, count in runs.count_by_state().items():
+            by_state.add_metric([state], count)
+        yield by_state
+        yield CounterMetricFamily(
+            "trainstream_stalls",
+            "Times a run was marked stalled by the server",
+            value=runs.stalls_total,
+        )
+        yield CounterMetricFamily(
+            "trainstream_nan_alerts",
+            "NaN/Infinity alerts the server published",
+            value=runs.nan_alerts_total,
+        )
+        yield GaugeMetricFamily(
+            "trainstream_uptime_seconds",
+            "Seconds since the listeners were last bound",
+            value=server.uptime(),
+        )
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``: Prometheus text format, from the server's own registry."""
+
+    isLeaf = True
+
+    def __init__(self, server: StreamServer) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry()
+        self.registry.register(ServerCollector(server))
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        request.setHeader(b"cache-control", b"no-store")
+        return generate_latest(self.registry)
+
+
+__all__ = ["MetricsResource", "ServerCollector"]
