@@ -25,7 +25,9 @@ def d(coro: Any) -> Deferred[Any]:
     return Deferred.fromCoroutine(coro)
 
 
-def metric(run: str, step: int, value: float = 0.5, name: str = "train/loss") -> dict[str, Any]:
+def metric(
+    run: str, step: int, value: float | str = 0.5, name: str = "train/loss"
+) -> dict[str, Any]:
     return {"type": "metric", "run": run, "name": name, "step": step, "value": value}
 
 
@@ -120,12 +122,64 @@ class PublishTests(ServerTestCase):
 
         return d(go())
 
+    def test_malformed_bodies_are_400_and_harmless(self) -> Deferred[None]:
+        """Every kind of bad body answers 400 naming the problem; the server goes on."""
+
+        async def go() -> None:
+            cases = [
+                (b"[{", "application/json", "JSON"),
+                (b"\xff\xfe[]", "application/json", "UTF-8"),
+                (
+                    b'[{"type": "metric", "run": "r", "name": "x", "step": 1, "value": NaN}]',
+                    "application/json",
+                    "NaN",
+                ),
+                (b"[]", "text/plain", "content-type"),
+                (b'{"type": "log"}', "application/json", "array"),
+                (
+                    b'[{"type": "metric", "run": "r", "name": "x", "step": 1, "value": 1, '
+                    b'"extra": 2}]',
+                    "application/json",
+                    "extra",
+                ),
+                (
+                    b'[{"type": "metric", "run": "/r", "name": "x", "step": 1, "value": 1}]',
+                    "application/json",
+                    "run",
+                ),
+            ]
+            for body, ctype, word in cases:
+                code, answer = await self.post("/api/events", body, content_type=ctype)
+                self.assertEqual(code, 400, body)
+                self.assertIn(word.lower(), answer["error"].lower(), body)
+            self.assertEqual(self.server.hub.last_id, 0)
+            code, answer = await self.post(
+                "/api/events",
+                json.dumps([metric("ok", 1)]).encode(),
+                content_type="application/json",
+            )
+            self.assertEqual((code, answer["accepted"]), (200, 1))
+
+        return d(go())
+
+    def test_nan_round_trips_over_websocket(self) -> Deferred[None]:
+        async def go() -> None:
+            ws = await connect_ws(self.server.urls["ws"])
+            ws.send_json({"op": "subscribe"})
+            ws.send_json(
+                {"op": "publish", "events": [metric("n", 1, "NaN"), metric("n", 2, "-Infinity")]}
+            )
+            await ws.wait_for("event", 2)
+            self.assertEqual([e["value"] for e in ws.events], ["NaN", "-Infinity"])
+
+        return d(go())
+
     def test_run_log_from_threads(self) -> Deferred[None]:
         """
-        run.log() from four threads: every event arrives once, ids strictly
+        run.log() from eight threads: every event arrives once, ids strictly
         increase, and each thread's own order is kept.
         """
-        threads, per_thread = 4, 250
+        threads, per_thread = 8, 250
 
         async def go() -> None:
             ws = await connect_ws(self.server.urls["ws"])

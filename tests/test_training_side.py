@@ -1,0 +1,121 @@
+"""
+The training side never waits: ``run.log()`` only queues, and wakes the
+reactor at most once per batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.clients import ANY_PORTS, connect_sse
+from trainstream.events import EventError
+from trainstream.hub import Hub
+from trainstream.run import Inbox, Run
+from trainstream.service import StreamServer
+from trainstream.store.memory import MemoryStore
+
+
+class HeldReactor:
+    """A reactor that never runs what it is handed: proves nobody waits on it."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], None]] = []
+
+    def __call__(self, f: Callable[[], None]) -> None:
+        self.calls.append(f)
+
+
+class InboxTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.hub = Hub(MemoryStore())
+        self.reactor = HeldReactor()
+        self.inbox = Inbox(self.reactor, self.hub.publish)
+        self.run = Run(server=None, name="r", inbox=self.inbox)  # type: ignore[arg-type]
+
+    def test_log_only_queues_and_wakes_once_per_batch(self) -> None:
+        """10,000 calls while the reactor is busy: all return, one wake-up."""
+        for step in range(10_000):
+            self.run.log({"loss": 1.0 / (step + 1)}, step=step)
+        self.assertEqual(len(self.reactor.calls), 1)
+        self.assertEqual(self.hub.last_id, 0)
+        self.reactor.calls.pop()()  # the reactor gets to it
+        self.assertEqual(self.hub.last_id, 10_000)
+        self.run.log({"loss": 0.5}, step=10_000)
+        self.assertEqual(len(self.reactor.calls), 1)  # a new batch, a new wake-up
+
+    def test_bad_input_raises_in_the_caller(self) -> None:
+        for metrics, step, field in (
+            ({"loss": 1.0}, -1, "step"),
+            ({"loss": 1.0}, 1.5, "step"),
+            ({"": 1.0}, 1, "name"),
+            ({"bad name!": 1.0}, 1, "name"),
+            ({"loss": "high"}, 1, "value"),
+            ({"loss": True}, 1, "value"),
+        ):
+            with self.assertRaises(EventError) as e:
+                self.run.log(metrics, step=step)  # type: ignore[arg-type]
+            self.assertIn(field, str(e.exception))
+        self.assertEqual(self.reactor.calls, [])
+
+    def test_special_values(self) -> None:
+        self.run.log({"a": float("nan"), "b": "Infinity", "c": "-Infinity", "d": 3}, step=1)
+        self.reactor.calls.pop()()
+        values = [r.json.split('"value":')[1] for r in self.hub.store.after(0, bool)]
+        self.assertEqual(values, ['"NaN"}', '"Infinity"}', '"-Infinity"}', "3}"])
+
+
+class ResumeUnderLoadTests(TestCase):
+    timeout = 120
+
+    def test_resume_while_a_publisher_runs(self) -> Deferred[None]:
+        """
+        Clients resume by id while a training thread keeps logging: each gets
+        every event after its id exactly once, in order, replay and live alike.
+        """
+        server = StreamServer(ANY_PORTS, reactor)
+        self.addCleanup(server.stop)
+
+        async def go() -> None:
+            await server.start()
+            run = server.run("busy")
+            stop = threading.Event()
+            steps = {"n": 0}
+
+            def train() -> None:
+                while not stop.is_set() and steps["n"] < 10_000:
+                    run.log({"train/loss": 0.1, "train/acc": 0.9}, step=steps["n"])
+                    steps["n"] += 1
+                    if steps["n"] % 10 == 0:
+                        stop.wait(0.001)  # the training step's own work
+
+            training = deferToThread(train)
+            clients = []
+            for i in range(5):
+                while server.hub.last_id < 2000 * (i + 1) and not training.called:
+                    await deferToThread(lambda: None)
+                after = server.hub.last_id - 1500
+                clients.append(
+                    (
+                        after,
+                        await connect_sse(
+                            server.urls["sse"] + "?type=metric", **{"Last-Event-ID": str(after)}
+                        ),
+                    )
+                )
+            self.assertFalse(training.called, "the publisher ended before the clients resumed")
+            stop.set()
+            await training
+            server.flush_deferred()
+            last = server.hub.last_id
+            for after, client in clients:
+                await client.wait_for(last - after)
+                ids = [e["id"] for e in client.events]
+                self.assertEqual(ids, list(range(after + 1, last + 1)))
+
+        return Deferred.fromCoroutine(go())
