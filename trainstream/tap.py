@@ -34,6 +34,13 @@ class Options(usage.Options):
         ["close-timeout", None, 2.0, "Seconds a client gets to answer a close handshake.", float],
         ["keepalive", None, 15.0, "Seconds between SSE keepalive comments.", float],
         ["stall-after", None, 120.0, "Seconds without events before a run is stalled.", float],
+        [
+            "client-buffer",
+            None,
+            1 << 20,
+            "Bytes of events that may wait for one slow client (then coalesced, then closed).",
+            int,
+        ],
     ]
     optFlags = [
         ["memory", None, "Keep history in RAM only."],
@@ -73,6 +80,7 @@ def config_from_options(options: Any) -> Config:
             "close_timeout": options["close-timeout"],
             "keepalive": options["keepalive"],
             "stall_after": options["stall-after"],
+            "client_buffer": options["client-buffer"],
         }
     )
 
