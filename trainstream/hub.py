@@ -69,6 +69,30 @@ class Filter:
         return True
 
 
+class SharedFormat:
+    """
+    The last batch one kind of sink formatted, and its bytes. The Hub hands
+    every client with the same filter the same list, so with a thousand
+    clients a batch is formatted once, not a thousand times.
+    """
+
+    def __init__(self) -> None:
+        self._records: Sequence[Record] | None = None
+        self._data = b""
+
+    def get(
+        self,
+        records: Sequence[Record],
+        coalesced: Mapping[int, int],
+        render: Callable[[Sequence[Record], Mapping[int, int]], bytes],
+    ) -> bytes:
+        if coalesced:
+            return render(records, coalesced)  # particular to one client
+        if records is not self._records:
+            self._records, self._data = records, render(records, coalesced)
+        return self._data
+
+
 class Sink(Protocol):
     """Where a subscription writes: an SSE stream or a WebSocket session."""
 
@@ -180,13 +204,9 @@ class Subscription:
     # Events from the Hub.
 
     def offer(self, records: Sequence[Record]) -> None:
-        if self.closed or self.replaying:
+        """Live events, already filtered for this subscription (may be empty)."""
+        if self.closed or self.replaying or not records:
             return  # a replay reads these from the store
-        flt = self.filter
-        if not flt.matches_all:
-            records = [r for r in records if flt.matches(r)]
-            if not records:
-                return
         if self._pending or self._held:
             self._buffer(records)
         else:
@@ -202,9 +222,9 @@ class Subscription:
                 return
             j, size = i, 0
             while j < n and size < chunk_bytes:
-                size += len(records[j].json)
+                size += records[j].size
                 j += 1
-            self._write(records[i:j])
+            self._write(records if i == 0 and j == n else records[i:j])
             i = j
 
     def _write(self, chunk: Sequence[Record]) -> None:
@@ -236,7 +256,7 @@ class Subscription:
 
     def _buffer(self, records: Sequence[Record]) -> None:
         self._pending.extend(records)
-        self._pending_bytes += sum(len(r.json) for r in records)
+        self._pending_bytes += sum(r.size for r in records)
         if self._pending_bytes > self.limit_bytes:
             self._coalesce()
             if self._pending_bytes > self.limit_bytes:
@@ -262,7 +282,7 @@ class Subscription:
             self.coalesced_total += n
         self.hub.coalesced_total += sum(folded.values())
         self._pending = kept
-        self._pending_bytes = sum(len(r.json) for r in kept)
+        self._pending_bytes = sum(r.size for r in kept)
 
     def _overflow(self) -> None:
         last = self.cursor
@@ -288,7 +308,7 @@ class Subscription:
             while i < n and not self._held:
                 j, size = i, 0
                 while j < n and size < _CHUNK_BYTES:
-                    size += len(batch[j].json)
+                    size += batch[j].size
                     j += 1
                 self._write(batch[i:j])
                 i = j
@@ -364,8 +384,18 @@ class Hub:
         self._next_id = first + len(records)
         self.store.append(records)
         self.accepted_total += len(records)
+        # Clients mostly share a few filters: filter once per distinct filter,
+        # and hand them all the same list (so sinks can share formatting).
+        filtered: dict[Filter, list[Record]] = {}
         for subscription in list(self._subscriptions):
-            subscription.offer(records)
+            flt = subscription.filter
+            if flt.matches_all:
+                subscription.offer(records)
+                continue
+            wanted = filtered.get(flt)
+            if wanted is None:
+                wanted = filtered[flt] = [r for r in records if flt.matches(r)]
+            subscription.offer(wanted)
         for observer in self.observers:
             observer(records)
         return (len(records), first, records[-1].id)  # observers may have published since

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from attrs import frozen
+from attrs import Factory, field, frozen
 
 #: One point of a metric's history: ``(step, value, time)``. ``value`` may be
 #: a non-finite float (NaN, infinities); the JSON codec writes those as strings.
@@ -31,6 +31,8 @@ class Record:
     name: str | None
     event: dict[str, object]
     json: str
+    #: ``len(json)``, counted once: buffer accounting adds it up per client.
+    size: int = field(default=Factory(lambda self: len(self.json), takes_self=True))
 
 
 class Store(Protocol):

@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from trainstream.events import EVENT_TYPES, encode_json
-from trainstream.hub import DEFAULT_CLIENT_BUFFER, Filter, Hub, Subscription
+from trainstream.hub import DEFAULT_CLIENT_BUFFER, Filter, Hub, SharedFormat, Subscription
 from trainstream.store import Record
 from trainstream.web.clients import Clients
 
@@ -87,6 +87,12 @@ def annotated(record: Record, coalesced: Mapping[int, int]) -> str:
     return record.json if not n else f'{record.json[:-1]},"coalesced":{n}}}'
 
 
+def render_sse(records: Sequence[Record], coalesced: Mapping[int, int]) -> bytes:
+    return "".join(
+        f"id: {r.id}\nevent: {r.type}\ndata: {annotated(r, coalesced)}\n\n" for r in records
+    ).encode()
+
+
 @implementer(IPushProducer)
 class SSEStream:
     """One open ``text/event-stream`` response: a ``Sink`` and a push producer."""
@@ -100,8 +106,10 @@ class SSEStream:
         keepalive: float,
         buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
         close_timeout: float = 2.0,
+        shared: SharedFormat | None = None,
     ) -> None:
         self.request = request
+        self.shared = shared if shared is not None else SharedFormat()
         self.hub = hub
         self.clients = clients
         self.clock = clock
@@ -133,11 +141,7 @@ class SSEStream:
     def write(self, records: Sequence[Record], coalesced: Mapping[int, int]) -> None:
         if self.closed:
             return
-        self.request.write(
-            "".join(
-                f"id: {r.id}\nevent: {r.type}\ndata: {annotated(r, coalesced)}\n\n" for r in records
-            ).encode()
-        )
+        self.request.write(self.shared.get(records, coalesced, render_sse))
 
     def reset(self, reason: str, oldest_id: int) -> None:
         data = encode_json({"reason": reason, "oldest_id": oldest_id})
@@ -221,6 +225,7 @@ class SSEResource(Resource):
         self.retry_ms = retry_ms
         self.buffer_bytes = buffer_bytes
         self.close_timeout = close_timeout
+        self.shared = SharedFormat()
 
     def render_GET(self, request: Request) -> bytes | int:
         try:
@@ -237,6 +242,7 @@ class SSEResource(Resource):
             self.keepalive,
             self.buffer_bytes,
             self.close_timeout,
+            self.shared,
         )
         stream.start(flt, after, self.retry_ms)
         return NOT_DONE_YET

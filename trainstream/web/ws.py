@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from trainstream._version import __version__
 from trainstream.events import EventError, encode_json
-from trainstream.hub import DEFAULT_CLIENT_BUFFER, Hub, Subscription
+from trainstream.hub import DEFAULT_CLIENT_BUFFER, Hub, SharedFormat, Subscription
 from trainstream.store import Record
 from trainstream.web.clients import Clients
 from trainstream.web.sse import BadQueryError, annotated, filter_from_lists
@@ -56,6 +56,11 @@ class _Flow:
 
     def stopProducing(self) -> None:
         pass
+
+
+def render_events(records: Sequence[Record], coalesced: Mapping[int, int]) -> bytes:
+    body = ",".join(annotated(r, coalesced) for r in records)
+    return f'{{"op":"events","events":[{body}]}}'.encode()
 
 
 class StreamSession(WebSocketServerProtocol):
@@ -153,8 +158,7 @@ class StreamSession(WebSocketServerProtocol):
         if self.state != WebSocketProtocol.STATE_OPEN:
             self._unsubscribe()  # closing: nothing more goes out
             return
-        body = ",".join(annotated(r, coalesced) for r in records)
-        frame = f'{{"op":"events","events":[{body}]}}'.encode()
+        frame = self.factory.shared.get(records, coalesced, render_events)
         self.sendMessage(frame)  # type: ignore[no-untyped-call]
 
     def overflow(self, reason: str, last_id: int) -> None:
@@ -208,6 +212,7 @@ class StreamFactory(WebSocketServerFactory):
         self.clients = clients
         self.clock = clock
         self.buffer_bytes = buffer_bytes
+        self.shared = SharedFormat()
         self.setProtocolOptions(  # type: ignore[no-untyped-call]
             closeHandshakeTimeout=close_timeout, openHandshakeTimeout=10
         )
