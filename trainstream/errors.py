@@ -29,6 +29,10 @@ class ConfigConflictError(ConfigError):
         )
 
 
+class StoreError(TrainstreamError):
+    """The history file cannot be used (held by another server, unreadable, too new)."""
+
+
 class ListenError(TrainstreamError, OSError):
     """A listener could not bind its endpoint."""
 

@@ -140,7 +140,11 @@ class StreamServerManager:
             self._refcount += 1
             return server
         server = StreamServer(config, self._reactor)
-        await server.start()
+        try:
+            await server.start()
+        except BaseException:
+            server.close()
+            raise
         self._server = server
         self._refcount = 1
         self._hook_shutdown()
@@ -156,6 +160,7 @@ class StreamServerManager:
         if self._refcount == 0 and self._server is not None:
             server, self._server = self._server, None
             await server.stop()
+            server.close()
 
     async def _restart(self) -> StreamServer:
         server = self._server
@@ -172,6 +177,7 @@ class StreamServerManager:
         server, self._server = self._server, None
         if server is not None:
             await server.stop()
+            server.close()
 
     def _hook_shutdown(self) -> None:
         """When the reactor stops (process exit), free the ports first."""

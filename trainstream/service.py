@@ -35,12 +35,13 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from trainstream.config import Config
+from trainstream.config import Config, default_db_path
 from trainstream.errors import ConfigError, ListenError, PortInUseError
 from trainstream.events import Limits
 from trainstream.hub import Hub
 from trainstream.run import Inbox, Run
 from trainstream.runs import RunsService
+from trainstream.store import Store
 from trainstream.store.memory import MemoryStore
 from trainstream.web.clients import Clients
 from trainstream.web.site import build_site
@@ -240,9 +241,17 @@ class StreamServer(MultiService):
         self.config = Config.from_value(config)
         self.reactor: Any = reactor
         self.token = self.config.resolve_token()
-        if not self.config.memory:
-            _log.info("SQLite history is not built yet (issue 3/5): keeping history in memory")
-        self.store = MemoryStore(self.config.max_history)
+        self.store: Store
+        if self.config.memory:
+            self.store = MemoryStore(self.config.max_history)
+        else:
+            from trainstream.store.sqlite import SQLiteStore
+
+            self.store = SQLiteStore(
+                self.config.db or default_db_path(),
+                lambda f, *a: self.reactor.callFromThread(f, *a),
+                cache_events=self.config.max_history,
+            )
         self.hub = Hub(self.store, Limits())
         self.clients = Clients()
         self.inbox = Inbox(lambda f: self.reactor.callFromThread(f), self.hub.publish)
@@ -319,6 +328,11 @@ class StreamServer(MultiService):
         self.inbox.drain()
         listeners, self.listeners = self.listeners, []
         await self._unbind(listeners)
+        await self.store.sync()
+
+    def close(self) -> None:
+        """After the last stop: commit and close the history (frees its file)."""
+        self.store.close()
 
     async def _unbind(self, listeners: list[Listener]) -> None:
         if not listeners:
@@ -376,7 +390,7 @@ class StreamServer(MultiService):
             self.start()
 
     def stopService(self) -> Deferred[None]:
-        return self.stop()
+        return self.stop().addCallback(lambda _: self.close())
 
     # Information
 
@@ -435,9 +449,9 @@ class StreamServer(MultiService):
         return run
 
     def flush_deferred(self) -> Deferred[None]:
-        """Reactor thread: publish everything queued so far."""
+        """Reactor thread: publish everything queued so far, and store it."""
         self.inbox.drain()
-        return succeed(None)
+        return self.store.sync()
 
     def flush(self) -> None:
         """Any other thread: return once everything queued so far is stored."""

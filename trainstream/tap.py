@@ -89,10 +89,14 @@ def makeService(options: Options) -> IService:
     """The server twistd runs, shared with embedded code through the manager."""
     import crochet
 
+    from trainstream.errors import TrainstreamError
     from trainstream.manager import get_stream_server_manager
     from trainstream.service import StreamServer
 
     crochet.no_setup()  # twistd owns the reactor: crochet must not start another
-    server = StreamServer(options.config)
+    try:
+        server = StreamServer(options.config)
+    except TrainstreamError as e:
+        raise SystemExit(f"trainstream: {e}") from None
     get_stream_server_manager().adopt(server)
     return server

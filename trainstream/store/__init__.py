@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from attrs import Factory, field, frozen
+from twisted.internet.defer import Deferred
 
 #: One point of a metric's history: ``(step, value, time)``. ``value`` may be
 #: a non-finite float (NaN, infinities); the JSON codec writes those as strings.
@@ -71,6 +72,9 @@ class Store(Protocol):
 
     def delete_run(self, run: str) -> int:
         """Forget every stored event of ``run``; return how many there were."""
+
+    def sync(self) -> Deferred[None]:
+        """Fires once every event appended so far is durable (as durable as this store gets)."""
 
     def close(self) -> None:
         """Release what the store holds open."""

@@ -11,6 +11,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from twisted.internet.defer import Deferred, succeed
+
 from trainstream.store import Point, Record
 
 
@@ -79,6 +81,9 @@ class MemoryStore:
         if removed:
             self._records = deque(kept, maxlen=self._max_events)
         return removed
+
+    def sync(self) -> Deferred[None]:
+        return succeed(None)  # RAM is as durable as it gets
 
     def close(self) -> None:
         self._records.clear()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -154,7 +155,7 @@ class RestApi:
         )
 
     @app.route("/events", methods=["POST"])
-    def post_events(self, request: Request) -> bytes:
+    def post_events(self, request: Request) -> bytes | Deferred[bytes]:
         assert request.content is not None
         ctype = request.getHeader(b"content-type")
         try:
@@ -168,7 +169,9 @@ class RestApi:
             return json_response(request, e.to_json(), 413)
         except EventError as e:
             return json_response(request, e.to_json(), 400)
-        return json_response(request, {"accepted": accepted, "first_id": first, "last_id": last})
+        answer = {"accepted": accepted, "first_id": first, "last_id": last}
+        # 200 means stored: answer once the history has committed the batch.
+        return self.server.hub.store.sync().addCallback(lambda _: json_response(request, answer))
 
     @app.route("/events", methods=["GET"])
     def get_events(self, request: Request) -> bytes:

@@ -139,7 +139,9 @@ class StreamSession(WebSocketServerProtocol):
             self._unsubscribe()
         elif op == "publish":
             accepted, first, last = hub.accept(message.get("events"))
-            self.send_json({"op": "ack", "accepted": accepted, "first_id": first, "last_id": last})
+            ack = {"op": "ack", "accepted": accepted, "first_id": first, "last_id": last}
+            # An ack means stored: send it once the history has committed.
+            hub.store.sync().addCallback(lambda _: self._send_if_open(ack))
         elif op == "ping":
             self.send_json({"op": "pong", "nonce": message.get("nonce")})
         else:
@@ -189,6 +191,10 @@ class StreamSession(WebSocketServerProtocol):
             self._deadline.cancel()
         self._unsubscribe()
         self.factory.clients.ws.discard(self)
+
+    def _send_if_open(self, obj: dict[str, object]) -> None:
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.send_json(obj)
 
     def send_json(self, obj: dict[str, object]) -> None:
         self.sendMessage(encode_json(obj).encode())  # type: ignore[no-untyped-call]

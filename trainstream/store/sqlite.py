@@ -1,0 +1,370 @@
+"""
+The durable history: SQLite in WAL mode, written by one thread of its own.
+
+The reactor never waits on disk for a write: ``append`` hands records to the
+writer thread and returns; the writer commits whatever has queued up in one
+transaction, then tells the reactor how far it got, and ``sync()`` Deferreds
+fire. An event is acknowledged (REST 200, WebSocket ``ack``, ``flush()``) only
+once committed, so a crash of the process loses nothing acknowledged.
+
+The newest events also stay in memory (``cache_events``), so live clients,
+short replays and the runs registry rarely touch the disk.
+
+Schema version 1; a migration is a function from version N to N+1 run in one
+transaction at open (see ``_MIGRATIONS``); a file newer than this code is
+refused rather than guessed at.
+
+One server process owns a file at a time: an exclusive ``flock`` on
+``PATH.lock`` holding the owner's pid; a second server is refused with an
+error naming the file and that pid.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import itertools
+import json
+import math
+import os
+import queue
+import sqlite3
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+
+from trainstream.errors import StoreError
+from trainstream.store import Point, Record
+
+_log = Logger()
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,   -- the event id; PRIMARY KEY is the id index
+    type TEXT NOT NULL,
+    run TEXT NOT NULL,
+    name TEXT,
+    step INTEGER,
+    value REAL,               -- metric value; NULL for NaN (SQLite has no NaN)
+    time REAL NOT NULL,
+    json TEXT NOT NULL
+);
+CREATE INDEX events_series ON events (run, name, step) WHERE type = 'metric';
+CREATE INDEX events_run ON events (run);
+"""
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    # version N -> N + 1, e.g. 1: lambda db: db.execute("ALTER TABLE ..."),
+}
+
+_STOP = object()
+
+
+def _row(r: Record) -> tuple[Any, ...]:
+    e = r.event
+    value = e.get("value")
+    if not isinstance(value, int | float) or value != value:
+        value = None  # not a metric, or NaN: SQLite would store NULL anyway
+    return (r.id, r.type, r.run, r.name, e.get("step"), value, e["time"], r.json)
+
+
+def _record(row: tuple[int, str, str, str | None, str]) -> Record:
+    event_id, kind, run, name, text = row
+    event = json.loads(text, parse_constant=lambda c: float(c.replace("Infinity", "inf")))
+    return Record(id=event_id, type=kind, run=run, name=name, event=event, json=text)
+
+
+class _Lock:
+    """``PATH.lock``: an exclusive flock naming the owner's pid."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StoreError(
+                    f"history file {db_path} is in use by another trainstream server "
+                    f"(pid {holder}); stop it, or give this one another --db or --memory"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = -1
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives the process being killed (the OS
+    # has the WAL); only a power loss may take the last commits.
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def _migrate(db: sqlite3.Connection, path: str) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"history file {path} has schema version {version}, newer than this "
+            f"trainstream's {SCHEMA_VERSION}: upgrade trainstream or use another --db"
+        )
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0:
+            for statement in _SCHEMA_1.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+            db.execute("INSERT INTO meta VALUES ('last_id', '0')")
+            db.execute("INSERT INTO meta VALUES ('floor', '1')")
+            version = 1
+        while version < SCHEMA_VERSION:
+            _MIGRATIONS[version](db)
+            version += 1
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+class SQLiteStore:
+    """
+    History in a SQLite file. Ids keep counting across restarts (the
+    highest id ever given is kept in ``meta``, so deleting the newest events
+    never lets an id be reused).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        call_from_thread: Callable[..., object],
+        cache_events: int = 100_000,
+    ) -> None:
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._lock = _Lock(path)
+        except OSError as e:
+            raise StoreError(f"cannot open history file {path}: {e.strerror}") from None
+        try:
+            self._db = _connect(path)
+            _migrate(self._db, path)
+        except sqlite3.DatabaseError as e:
+            self._lock.release()
+            raise StoreError(f"history file {path} is not a usable SQLite database: {e}") from None
+        except BaseException:
+            self._lock.release()
+            raise
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        self.epoch: str = meta["epoch"]
+        self._last_id = int(meta["last_id"])
+        self._floor = int(meta["floor"])
+        self._call_from_thread = call_from_thread
+        self._cache: deque[Record] = deque(maxlen=cache_events)
+        self._appended = self._last_id  # highest id handed to the writer
+        self._committed = self._last_id  # highest id the writer committed
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(_connect(path),), name="trainstream-sqlite", daemon=True
+        )
+        self._writer.start()
+
+    # Store
+
+    @property
+    def last_id(self) -> int:
+        return self._last_id
+
+    @property
+    def oldest_id(self) -> int:
+        return self._floor
+
+    def append(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        if self._failure is not None:
+            raise StoreError(f"history file {self.path} cannot be written: {self._failure}")
+        self._cache.extend(records)
+        self._last_id = records[-1].id
+        self._appended = self._last_id
+        self._queue.put(records)
+
+    def sync(self) -> Deferred[None]:
+        """Fires once everything appended so far is committed."""
+        if self._failure is not None:
+            return fail(StoreError(f"history file {self.path} cannot be written: {self._failure}"))
+        if self._committed >= self._appended:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((self._appended, d))
+        return d
+
+    def after(
+        self, after_id: int, match: Callable[[Record], bool], limit: int | None = None
+    ) -> list[Record]:
+        cache = self._cache
+        cache_start = cache[0].id if cache else self._last_id + 1
+        out: list[Record] = []
+        if after_id + 1 < cache_start:
+            cursor = after_id
+            while True:
+                rows = self._db.execute(
+                    "SELECT id, type, run, name, json FROM events "
+                    "WHERE id > ? AND id < ? ORDER BY id LIMIT 2000",
+                    (cursor, cache_start),
+                ).fetchall()
+                if not rows:
+                    break
+                for row in rows:
+                    record = _record(row)
+                    if match(record):
+                        out.append(record)
+                        if limit is not None and len(out) >= limit:
+                            return out
+                cursor = rows[-1][0]
+            after_id = cache_start - 1
+        start = bisect.bisect_right(cache, after_id, key=lambda r: r.id)
+        for record in itertools.islice(cache, start, None):
+            if match(record):
+                out.append(record)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def series(
+        self, run: str, name: str, from_step: int | None = None, to_step: int | None = None
+    ) -> list[Point]:
+        low = from_step if from_step is not None else -(2**63)
+        high = to_step if to_step is not None else 2**63 - 1
+        db = self._db
+        db.execute("BEGIN")  # one snapshot for both reads
+        try:
+            on_disk = int(db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()[0])
+            rows = db.execute(
+                "SELECT step, value, time FROM events WHERE type = 'metric' AND run = ? "
+                "AND name = ? AND step BETWEEN ? AND ? ORDER BY id",
+                (run, name, low, high),
+            ).fetchall()
+        finally:
+            db.execute("COMMIT")
+        points: list[Point] = [
+            (step, math.nan if value is None else value, t) for step, value, t in rows
+        ]
+        # Events not committed yet are in the cache only.
+        start = bisect.bisect_right(self._cache, on_disk, key=lambda r: r.id)
+        for record in itertools.islice(self._cache, start, None):
+            if record.type == "metric" and record.run == run and record.name == name:
+                event = record.event
+                step = event["step"]
+                if isinstance(step, int) and low <= step <= high:
+                    value, t = event["value"], event["time"]
+                    assert isinstance(value, int | float) and isinstance(t, float)
+                    points.append((step, float(value), t))
+        return points
+
+    def delete_run(self, run: str) -> int:
+        """Forget the run now (cache), and on disk in queue order."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            on_disk = int(db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()[0])
+            count = int(
+                db.execute("SELECT COUNT(*) FROM events WHERE run = ?", (run,)).fetchone()[0]
+            )
+        finally:
+            db.execute("COMMIT")
+        count += sum(1 for r in self._cache if r.id > on_disk and r.run == run)
+        kept = [r for r in self._cache if r.run != run]
+        if len(kept) != len(self._cache):
+            self._cache = deque(kept, maxlen=self._cache.maxlen)
+        self._queue.put(("delete", run))
+        return count
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer, release the file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._writer.join(30)
+        self._db.close()
+        self._lock.release()
+
+    # The writer thread
+
+    def _write_loop(self, db: sqlite3.Connection) -> None:
+        insert = (
+            "INSERT INTO events (id, type, run, name, step, value, time, json) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        stop = False
+        while not stop:
+            items = [self._queue.get()]
+            while True:  # take everything queued: one transaction for all
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            last = 0
+            try:
+                db.execute("BEGIN")
+                rows: list[tuple[Any, ...]] = []
+                for item in items:  # in queue order: a delete after inserts sees them
+                    if item is _STOP:
+                        stop = True
+                    elif isinstance(item, tuple):
+                        if rows:
+                            db.executemany(insert, rows)
+                            rows = []
+                        db.execute("DELETE FROM events WHERE run = ?", (item[1],))
+                    else:
+                        rows.extend(_row(r) for r in item)
+                        last = item[-1].id
+                if rows:
+                    db.executemany(insert, rows)
+                if last:
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'last_id'", (str(last),))
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                _log.error("history file {path}: write failed: {e}", path=self.path, e=e)
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self._failure = e
+                continue
+            if last:
+                self._call_from_thread(self._on_commit, last)
+        db.close()
+
+    def _on_commit(self, committed: int) -> None:
+        """Reactor thread: the writer has committed every id up to ``committed``."""
+        self._committed = max(self._committed, committed)
+        ready = [d for upto, d in self._waiters if upto <= self._committed]
+        self._waiters = [(upto, d) for upto, d in self._waiters if upto > self._committed]
+        for d in ready:
+            d.callback(None)
