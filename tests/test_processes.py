@@ -16,6 +16,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -73,7 +74,10 @@ def spawn_twistd(test: TestCase, *args: str) -> Twistd:
     def kill() -> Deferred[Any] | None:
         if proto.ended.called:
             return None
-        transport.signalProcess("KILL")
+        try:
+            transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
         return proto.ended
 
     test.addCleanup(kill)

@@ -49,12 +49,12 @@ SCHEMA_VERSION = 1
 _SCHEMA_1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE events (
-    id INTEGER PRIMARY KEY,   -- the event id; PRIMARY KEY is the id index
+    id INTEGER PRIMARY KEY,   -- the event id, and by that its index
     type TEXT NOT NULL,
     run TEXT NOT NULL,
     name TEXT,
     step INTEGER,
-    value REAL,               -- metric value; NULL for NaN (SQLite has no NaN)
+    value REAL,               -- metric value, NULL for NaN (SQLite has no NaN)
     time REAL NOT NULL,
     json TEXT NOT NULL
 );
@@ -79,7 +79,10 @@ def _row(r: Record) -> tuple[Any, ...]:
 
 def _record(row: tuple[int, str, str, str | None, str]) -> Record:
     event_id, kind, run, name, text = row
-    event = json.loads(text, parse_constant=lambda c: float(c.replace("Infinity", "inf")))
+    event = json.loads(text)
+    value = event.get("value")
+    if kind == "metric" and isinstance(value, str):
+        event["value"] = float(value)  # "NaN", "Infinity", "-Infinity" on the wire
     return Record(id=event_id, type=kind, run=run, name=name, event=event, json=text)
 
 

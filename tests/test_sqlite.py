@@ -1,0 +1,229 @@
+"""
+The SQLite history: commits off the reactor thread, acks after commit,
+survives kill -9, ids continue across restarts, one owner per file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import urllib.request
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.clients import connect_sse
+from tests.test_processes import spawn_twistd
+from trainstream.errors import StoreError
+from trainstream.hub import Hub
+from trainstream.store.sqlite import SQLiteStore
+
+
+def log(i: int, run: str = "r") -> dict[str, object]:
+    return {"type": "log", "run": run, "level": "info", "message": f"m{i}", "time": 1.0}
+
+
+def metric(step: int, value: float, run: str = "r") -> dict[str, object]:
+    return {"type": "metric", "run": run, "name": "loss", "step": step, "value": value, "time": 2.0}
+
+
+class StoreTests(TestCase):
+    """The store with a real writer thread and the real reactor."""
+
+    def open(self, path: str, **kw: Any) -> SQLiteStore:
+        store = SQLiteStore(path, reactor.callFromThread, **kw)
+        self.addCleanup(store.close)
+        return store
+
+    def test_sync_after_commit_and_reopen(self) -> Deferred[None]:
+        path = self.mktemp() + ".sqlite3"
+
+        async def go() -> None:
+            store = self.open(path)
+            hub = Hub(store)
+            hub.publish([log(i) for i in range(100)] + [metric(1, float("nan"))])
+            await store.sync()
+            # Committed: another connection sees it all.
+            with sqlite3.connect(path) as other:
+                self.assertEqual(other.execute("SELECT COUNT(*) FROM events").fetchone()[0], 101)
+            epoch = store.epoch
+            store.close()
+            again = self.open(path)
+            self.assertEqual((again.last_id, again.epoch), (101, epoch))
+            hub2 = Hub(again)
+            _, first, _ = hub2.publish([log(200)])
+            self.assertEqual(first, 102)
+            replay = again.after(95, lambda r: True)
+            self.assertEqual([r.id for r in replay], [96, 97, 98, 99, 100, 101, 102])
+            self.assertIn('"value":"NaN"', replay[5].json)
+            self.assertNotEqual(replay[5].event["value"], replay[5].event["value"])  # a float NaN
+            self.assertEqual(again.series("r", "loss")[0][0], 1)
+
+        return Deferred.fromCoroutine(go())
+
+    def test_reads_span_disk_and_cache(self) -> Deferred[None]:
+        """A small cache: old events come from disk, new ones from memory, none twice."""
+        path = self.mktemp() + ".sqlite3"
+
+        async def go() -> None:
+            store = self.open(path, cache_events=10)
+            hub = Hub(store)
+            hub.publish([metric(i, i * 0.5) for i in range(50)])
+            await store.sync()
+            hub.publish([metric(i, i * 0.5) for i in range(50, 60)])  # maybe uncommitted
+            ids = [r.id for r in store.after(0, lambda r: True)]
+            self.assertEqual(ids, list(range(1, 61)))
+            steps = [p[0] for p in store.series("r", "loss", 45, 55)]
+            self.assertEqual(steps, list(range(45, 56)))
+
+        return Deferred.fromCoroutine(go())
+
+    def test_delete_run(self) -> Deferred[None]:
+        path = self.mktemp() + ".sqlite3"
+
+        async def go() -> None:
+            store = self.open(path)
+            hub = Hub(store)
+            hub.publish([log(i, "gone") for i in range(5)] + [log(9, "kept")])
+            self.assertEqual(store.delete_run("gone"), 5)
+            hub.publish([log(10, "gone")])  # after the delete: kept
+            await store.sync()
+            with sqlite3.connect(path) as other:
+                rows = other.execute("SELECT id, run FROM events ORDER BY id").fetchall()
+            self.assertEqual(rows, [(6, "kept"), (7, "gone")])
+
+        return Deferred.fromCoroutine(go())
+
+
+class OwnershipTests(SynchronousTestCase):
+    def test_second_owner_refused(self) -> None:
+        path = self.mktemp() + ".sqlite3"
+        first = SQLiteStore(path, reactor.callFromThread)
+        self.addCleanup(first.close)
+        with self.assertRaises(StoreError) as e:
+            SQLiteStore(path, reactor.callFromThread)
+        message = str(e.exception)
+        self.assertIn(path, message)
+        self.assertIn(f"pid {os.getpid()}", message)
+        first.close()
+        SQLiteStore(path, reactor.callFromThread).close()  # free again
+
+    def test_newer_schema_refused(self) -> None:
+        path = self.mktemp() + ".sqlite3"
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA user_version = 99")
+        with self.assertRaises(StoreError) as e:
+            SQLiteStore(path, reactor.callFromThread)
+        self.assertIn("schema version 99", str(e.exception))
+
+    def test_not_a_database(self) -> None:
+        path = self.mktemp() + ".sqlite3"
+        with open(path, "wb") as f:
+            f.write(b"this is not sqlite" * 100)
+        with self.assertRaises(StoreError) as e:
+            SQLiteStore(path, reactor.callFromThread)
+        self.assertIn(path, str(e.exception))
+
+
+def post(rest: str, events: list[dict[str, object]]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        rest + "/events",
+        data=json.dumps(events).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        result: dict[str, Any] = json.load(answer)
+        return result
+
+
+def get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        result: dict[str, Any] = json.load(answer)
+        return result
+
+
+class CrashTests(TestCase):
+    timeout = 120
+
+    def start(self, db: str, ports_file: str, *extra: str) -> Any:
+        if os.path.exists(ports_file):
+            os.unlink(ports_file)
+        return spawn_twistd(
+            self,
+            f"--db={db}",
+            "--sse=tcp:0:interface=127.0.0.1",
+            "--ws=tcp:0:interface=127.0.0.1",
+            "--rest=tcp:0:interface=127.0.0.1",
+            f"--ports-file={ports_file}",
+            *extra,
+        )
+
+    def test_acked_events_survive_kill_9(self) -> Deferred[None]:
+        """
+        Every event the server acknowledged is there after SIGKILL and a
+        restart; ids go on from there; a client holding an id from before
+        the crash gets exactly what it missed.
+        """
+        db = os.path.abspath(self.mktemp() + ".sqlite3")
+        ports_file = os.path.abspath(self.mktemp())
+
+        async def go() -> None:
+            from twisted.internet.threads import deferToThread
+
+            proto = self.start(db, ports_file)
+            await proto.listening
+            with open(ports_file) as f:
+                urls = json.load(f)
+            acked: list[int] = []
+            for batch in range(20):
+                answer = await deferToThread(
+                    post, urls["rest"], [log(batch * 50 + i) for i in range(50)]
+                )
+                acked.extend(range(answer["first_id"], answer["last_id"] + 1))
+            seen_before = acked[500]
+            assert proto.transport is not None
+            os.kill(proto.transport.pid, signal.SIGKILL)
+            await proto.ended
+            # A second server may have the file once the first is dead.
+            again = self.start(db, ports_file)
+            await again.listening
+            with open(ports_file) as f:
+                urls = json.load(f)
+            stored = await deferToThread(get, urls["rest"] + "/events?after=0&limit=10000")
+            ids = [e["id"] for e in stored["events"]]
+            self.assertEqual(ids, acked)
+            answer = await deferToThread(post, urls["rest"], [log(9999)])
+            self.assertEqual(answer["first_id"], acked[-1] + 1)
+            sse = await connect_sse(urls["sse"], **{"Last-Event-ID": str(seen_before)})
+            await sse.wait_for(len(acked) - 501 + 1)
+            self.assertEqual([e["id"] for e in sse.events], [*acked[501:], acked[-1] + 1])
+            assert again.transport is not None
+            os.kill(again.transport.pid, signal.SIGTERM)
+            await again.ended
+
+        return Deferred.fromCoroutine(go())
+
+    def test_second_server_on_one_file_is_refused(self) -> Deferred[None]:
+        db = os.path.abspath(self.mktemp() + ".sqlite3")
+
+        async def go() -> None:
+            first = self.start(db, os.path.abspath(self.mktemp()))
+            await first.listening
+            second = self.start(db, os.path.abspath(self.mktemp()))
+            second.listening.addErrback(lambda _: None)
+            code = await second.ended
+            text = second.output.decode(errors="replace")
+            self.assertNotEqual(code, 0)
+            assert first.transport is not None
+            self.assertIn(f"history file {db} is in use", text)
+            self.assertIn(f"pid {first.transport.pid}", text)
+            self.assertNotIn("Traceback", text)
+            os.kill(first.transport.pid, signal.SIGTERM)
+            await first.ended
+
+        return Deferred.fromCoroutine(go())
