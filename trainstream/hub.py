@@ -320,7 +320,7 @@ class Subscription:
                 self.replaying = False
 
 
-def make_record(event_id: int, event: dict[str, object]) -> Record:
+def make_record(event_id: int, event: dict[str, object], segment: int = 0) -> Record:
     """Give a validated event its id and encode it once."""
     event = {"id": event_id, **event}
     name = event.get("name")
@@ -331,7 +331,47 @@ def make_record(event_id: int, event: dict[str, object]) -> Record:
         name=name if isinstance(name, str) else None,
         event=event,
         json=encode_event(event),
+        segment=segment,
     )
+
+
+class Segments:
+    """
+    Checkpoint rewinds. A metric whose step goes below its series' last
+    step starts a new segment of that series; the first series of a run to
+    go back announces it once for the run (a ``status`` with ``rewind_to``),
+    so charts drop the stale tail instead of drawing two overlapping lines.
+    """
+
+    def __init__(self, known: dict[tuple[str, str], tuple[int, int]]) -> None:
+        self._series = dict(known)
+        self._announced: dict[str, int] = {}
+        for (run, _), (segment, _) in known.items():
+            self._announced[run] = max(self._announced.get(run, 0), segment)
+
+    def assign(self, run: str, name: str, step: int) -> tuple[int, bool]:
+        """The segment of this point, and whether it starts a rewind of the run."""
+        key = (run, name)
+        known = self._series.get(key)
+        if known is None:
+            self._series[key] = (0, step)
+            return 0, False
+        segment, last = known
+        announce = False
+        if step < last:
+            segment += 1
+            if segment > self._announced.get(run, 0):
+                self._announced[run] = segment
+                announce = True
+        self._series[key] = (segment, step)
+        return segment, announce
+
+    def current(self, run: str, name: str) -> int:
+        return self._series.get((run, name), (0, 0))[0]
+
+    def forget(self, run: str) -> None:
+        self._series = {k: v for k, v in self._series.items() if k[0] != run}
+        self._announced.pop(run, None)
 
 
 class Hub:
@@ -350,6 +390,7 @@ class Hub:
         self.limits = limits
         self._now = now
         self._next_id = store.last_id + 1
+        self.segments = Segments(store.segments())
         self._subscriptions: dict[Subscription, None] = {}
         self.accepted_total = 0
         self.coalesced_total = 0
@@ -378,7 +419,27 @@ class Hub:
     def publish(self, events: Sequence[dict[str, object]]) -> tuple[int, int, int]:
         """Publish events that are already validated."""
         first = self._next_id
-        records = [make_record(first + i, e) for i, e in enumerate(events)]
+        segments = self.segments
+        records: list[Record] = []
+        rewinds: list[dict[str, object]] = []
+        for i, e in enumerate(events):
+            segment = 0
+            if e["type"] == "metric":
+                step = e["step"]
+                assert isinstance(step, int)
+                segment, announce = segments.assign(str(e["run"]), str(e["name"]), step)
+                if announce:
+                    rewinds.append(
+                        {
+                            "type": "status",
+                            "run": e["run"],
+                            "time": e["time"],
+                            "state": "running",
+                            "rewind_to": step,
+                            "message": f"steps went back to {step} (resumed from a checkpoint?)",
+                        }
+                    )
+            records.append(make_record(first + i, e, segment))
         if not records:
             return (0, first, first - 1)
         self._next_id = first + len(records)
@@ -398,6 +459,8 @@ class Hub:
             subscription.offer(wanted)
         for observer in self.observers:
             observer(records)
+        if rewinds:
+            self.publish(rewinds)
         return (len(records), first, records[-1].id)  # observers may have published since
 
     def subscribe(

@@ -236,6 +236,7 @@ class RunsService(Service):
         """
         known = run in self._runs
         removed = self.hub.store.delete_run(run)
+        self.hub.segments.forget(run)
         self.forget(run)
         return removed if known or removed else None
 

@@ -34,6 +34,9 @@ class Record:
     json: str
     #: ``len(json)``, counted once: buffer accounting adds it up per client.
     size: int = field(default=Factory(lambda self: len(self.json), takes_self=True))
+    #: For a metric: which segment of its series (a new one each time the
+    #: steps go back, as when training resumes from a checkpoint).
+    segment: int = 0
 
 
 class Store(Protocol):
@@ -63,12 +66,21 @@ class Store(Protocol):
         """Stored records with id above ``after_id`` that ``match``, in id order."""
 
     def series(
-        self, run: str, name: str, from_step: int | None = None, to_step: int | None = None
+        self,
+        run: str,
+        name: str,
+        from_step: int | None = None,
+        to_step: int | None = None,
+        segment: int | None = None,
     ) -> list[Point]:
         """
         The stored points of metric ``name`` of ``run`` with ``from_step <=
-        step <= to_step`` (either bound may be ``None``), in id order.
+        step <= to_step`` (either bound may be ``None``), in id order; only
+        those of ``segment`` unless it is ``None``.
         """
+
+    def segments(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """Each stored series' (run, name) -> (current segment, last step)."""
 
     def delete_run(self, run: str) -> int:
         """Forget every stored event of ``run``; return how many there were."""

@@ -61,14 +61,31 @@ class MemoryStore:
                     break
         return out
 
+    def segments(self) -> dict[tuple[str, str], tuple[int, int]]:
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for r in self._records:
+            if r.type == "metric" and r.name is not None:
+                out[(r.run, r.name)] = (r.segment, cast(int, r.event["step"]))
+        return out
+
     def series(
-        self, run: str, name: str, from_step: int | None = None, to_step: int | None = None
+        self,
+        run: str,
+        name: str,
+        from_step: int | None = None,
+        to_step: int | None = None,
+        segment: int | None = None,
     ) -> list[Point]:
         low = from_step if from_step is not None else 0
         high = to_step if to_step is not None else 2**63
         points: list[Point] = []
         for record in self._records:
-            if record.name == name and record.run == run and record.type == "metric":
+            if (
+                record.name == name
+                and record.run == run
+                and record.type == "metric"
+                and (segment is None or record.segment == segment)
+            ):
                 event = record.event
                 step = cast(int, event["step"])
                 if low <= step <= high:

@@ -56,10 +56,19 @@ CREATE TABLE events (
     step INTEGER,
     value REAL,               -- metric value, NULL for NaN (SQLite has no NaN)
     time REAL NOT NULL,
-    json TEXT NOT NULL
+    json TEXT NOT NULL,
+    segment INTEGER           -- metric: segment of its series (a new one per rewind)
 );
-CREATE INDEX events_series ON events (run, name, step) WHERE type = 'metric';
+CREATE INDEX events_series ON events (run, name, segment, step) WHERE type = 'metric';
 CREATE INDEX events_run ON events (run);
+-- One row per series: where it stands, so a restart need not scan events.
+CREATE TABLE series (
+    run TEXT NOT NULL,
+    name TEXT NOT NULL,
+    segment INTEGER NOT NULL,
+    last_step INTEGER NOT NULL,
+    PRIMARY KEY (run, name)
+);
 """
 
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
@@ -74,7 +83,8 @@ def _row(r: Record) -> tuple[Any, ...]:
     value = e.get("value")
     if not isinstance(value, int | float) or value != value:
         value = None  # not a metric, or NaN: SQLite would store NULL anyway
-    return (r.id, r.type, r.run, r.name, e.get("step"), value, e["time"], r.json)
+    segment = r.segment if r.type == "metric" else None
+    return (r.id, r.type, r.run, r.name, e.get("step"), value, e["time"], r.json, segment)
 
 
 def _record(row: tuple[int, str, str, str | None, str]) -> Record:
@@ -258,8 +268,17 @@ class SQLiteStore:
                     break
         return out
 
+    def segments(self) -> dict[tuple[str, str], tuple[int, int]]:
+        rows = self._db.execute("SELECT run, name, segment, last_step FROM series").fetchall()
+        return {(run, name): (segment, step) for run, name, segment, step in rows}
+
     def series(
-        self, run: str, name: str, from_step: int | None = None, to_step: int | None = None
+        self,
+        run: str,
+        name: str,
+        from_step: int | None = None,
+        to_step: int | None = None,
+        segment: int | None = None,
     ) -> list[Point]:
         low = from_step if from_step is not None else -(2**63)
         high = to_step if to_step is not None else 2**63 - 1
@@ -267,11 +286,18 @@ class SQLiteStore:
         db.execute("BEGIN")  # one snapshot for both reads
         try:
             on_disk = int(db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()[0])
-            rows = db.execute(
-                "SELECT step, value, time FROM events WHERE type = 'metric' AND run = ? "
-                "AND name = ? AND step BETWEEN ? AND ? ORDER BY id",
-                (run, name, low, high),
-            ).fetchall()
+            if segment is None:
+                rows = db.execute(
+                    "SELECT step, value, time FROM events WHERE type = 'metric' AND run = ? "
+                    "AND name = ? AND step BETWEEN ? AND ? ORDER BY id",
+                    (run, name, low, high),
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT step, value, time FROM events WHERE type = 'metric' AND run = ? "
+                    "AND name = ? AND segment = ? AND step BETWEEN ? AND ? ORDER BY id",
+                    (run, name, segment, low, high),
+                ).fetchall()
         finally:
             db.execute("COMMIT")
         points: list[Point] = [
@@ -280,7 +306,12 @@ class SQLiteStore:
         # Events not committed yet are in the cache only.
         start = bisect.bisect_right(self._cache, on_disk, key=lambda r: r.id)
         for record in itertools.islice(self._cache, start, None):
-            if record.type == "metric" and record.run == run and record.name == name:
+            if (
+                record.type == "metric"
+                and record.run == run
+                and record.name == name
+                and (segment is None or record.segment == segment)
+            ):
                 event = record.event
                 step = event["step"]
                 if isinstance(step, int) and low <= step <= high:
@@ -321,9 +352,15 @@ class SQLiteStore:
 
     def _write_loop(self, db: sqlite3.Connection) -> None:
         insert = (
-            "INSERT INTO events (id, type, run, name, step, value, time, json) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO events (id, type, run, name, step, value, time, json, segment) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
+        upsert_series = (
+            "INSERT INTO series (run, name, segment, last_step) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (run, name) DO UPDATE SET segment = excluded.segment, "
+            "last_step = excluded.last_step"
+        )
+        series: dict[tuple[str, str], tuple[int, object]] = {}
         stop = False
         while not stop:
             items = [self._queue.get()]
@@ -343,12 +380,22 @@ class SQLiteStore:
                         if rows:
                             db.executemany(insert, rows)
                             rows = []
+                        if series:
+                            db.executemany(upsert_series, [(*k, *v) for k, v in series.items()])
+                            series.clear()
                         db.execute("DELETE FROM events WHERE run = ?", (item[1],))
+                        db.execute("DELETE FROM series WHERE run = ?", (item[1],))
                     else:
-                        rows.extend(_row(r) for r in item)
+                        for r in item:
+                            rows.append(_row(r))
+                            if r.type == "metric" and r.name is not None:
+                                series[(r.run, r.name)] = (r.segment, r.event["step"])
                         last = item[-1].id
                 if rows:
                     db.executemany(insert, rows)
+                if series:
+                    db.executemany(upsert_series, [(*k, *v) for k, v in series.items()])
+                    series.clear()
                 if last:
                     db.execute("UPDATE meta SET value = ? WHERE key = 'last_id'", (str(last),))
                 db.execute("COMMIT")

@@ -253,7 +253,16 @@ class RestApi:
             return _no_run(request, run)
         if name not in info.metrics:
             return json_response(request, {"error": f"run {run!r} has no metric {name!r}"}, 404)
-        points = self.server.hub.store.series(run, name, from_step, to_step)
+        segments = (args.get(b"segments") or [b"current"])[0]
+        if segments not in (b"current", b"all"):
+            return json_response(
+                request,
+                {"error": "segments must be 'current' or 'all'", "parameter": "segments"},
+                400,
+            )
+        hub = self.server.hub
+        segment = None if segments == b"all" else hub.segments.current(run, name)
+        points = hub.store.series(run, name, from_step, to_step, segment)
         kept, downsampled = downsample(
             points, max_points if max_points is not None else DEFAULT_MAX_POINTS
         )

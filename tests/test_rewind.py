@@ -1,0 +1,85 @@
+"""
+Checkpoint rewinds: steps going back start a new segment, announced once per
+run with ``rewind_to``; history answers the current segment by default.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.test_streaming import ServerTestCase, d
+from trainstream.hub import Hub
+from trainstream.store.memory import MemoryStore
+from trainstream.store.sqlite import SQLiteStore
+
+
+def points(run: str, name: str, steps: range) -> list[dict[str, object]]:
+    return [
+        {"type": "metric", "run": run, "name": name, "step": s, "value": float(s), "time": 1.0}
+        for s in steps
+    ]
+
+
+class SegmentTests(SynchronousTestCase):
+    def test_rewind_starts_a_segment_announced_once(self) -> None:
+        hub = Hub(MemoryStore())
+        hub.publish(points("r", "loss", range(10)) + points("r", "acc", range(10)))
+        before = hub.last_id
+        hub.publish(points("r", "loss", range(5, 8)) + points("r", "acc", range(5, 8)))
+        statuses = [r.event for r in hub.store.after(before, lambda r: r.type == "status")]
+        self.assertEqual(len(statuses), 1)
+        self.assertEqual((statuses[0]["rewind_to"], statuses[0]["run"]), (5, "r"))
+        self.assertEqual(hub.segments.current("r", "loss"), 1)
+        self.assertEqual(hub.segments.current("r", "acc"), 1)
+        current = hub.store.series("r", "loss", segment=1)
+        self.assertEqual([p[0] for p in current], [5, 6, 7])
+        self.assertEqual(len(hub.store.series("r", "loss")), 13)
+        # Another run is not affected; a second rewind is announced again.
+        hub.publish(points("other", "loss", range(3)) + points("r", "loss", range(2, 3)))
+        statuses = [r.event for r in hub.store.after(before, lambda r: r.type == "status")]
+        self.assertEqual([s["rewind_to"] for s in statuses], [5, 2])
+
+    def test_equal_steps_are_not_a_rewind(self) -> None:
+        hub = Hub(MemoryStore())
+        hub.publish(points("r", "loss", range(3)) + points("r", "loss", range(2, 3)))
+        self.assertEqual(hub.segments.current("r", "loss"), 0)
+
+
+class PersistedSegmentTests(TestCase):
+    def test_segments_survive_a_restart(self) -> Deferred[None]:
+        path = self.mktemp() + ".sqlite3"
+
+        async def go() -> None:
+            store = SQLiteStore(path, reactor.callFromThread)
+            hub = Hub(store)
+            hub.publish(points("r", "loss", range(10)))
+            hub.publish(points("r", "loss", range(3)))
+            await store.sync()
+            store.close()
+            again = SQLiteStore(path, reactor.callFromThread)
+            self.addCleanup(again.close)
+            hub = Hub(again)
+            self.assertEqual(hub.segments.current("r", "loss"), 1)
+            hub.publish(points("r", "loss", range(3, 4)))  # goes on, no new segment
+            self.assertEqual(hub.segments.current("r", "loss"), 1)
+            self.assertEqual([p[0] for p in again.series("r", "loss", segment=1)], [0, 1, 2, 3])
+
+        return Deferred.fromCoroutine(go())
+
+
+class RestSegmentsTests(ServerTestCase):
+    def test_current_segment_by_default_all_on_request(self) -> Deferred[None]:
+        async def go() -> None:
+            self.server.hub.accept(points("r", "loss", range(10)))
+            self.server.hub.accept(points("r", "loss", range(4, 6)))
+            code, body = await self.get_json("/api/runs/r/metrics/loss")
+            self.assertEqual(code, 200)
+            self.assertEqual([p[0] for p in body["points"]], [4, 5])
+            code, body = await self.get_json("/api/runs/r/metrics/loss?segments=all")
+            self.assertEqual(len(body["points"]), 12)
+            code, body = await self.get_json("/api/runs/r/metrics/loss?segments=some")
+            self.assertEqual((code, body["parameter"]), (400, "segments"))
+
+        return d(go())
