@@ -227,3 +227,62 @@ class CrashTests(TestCase):
             await first.ended
 
         return Deferred.fromCoroutine(go())
+
+
+class RetentionTests(TestCase):
+    def test_retain_days_drops_the_oldest_and_moves_the_floor(self) -> Deferred[None]:
+        path = self.mktemp() + ".sqlite3"
+
+        async def go() -> None:
+            store = SQLiteStore(path, reactor.callFromThread, cache_events=5)
+            self.addCleanup(store.close)
+            store._now = lambda: 100 * 86400.0
+            hub = Hub(store)
+            old = [dict(log(i), time=50 * 86400.0) for i in range(30)]
+            new = [dict(log(i), time=99.5 * 86400.0) for i in range(30, 40)]
+            hub.publish(old + new)
+            await store.sync()
+            floor = await store.trim(retain_days=10, max_db_mb=None)
+            self.assertEqual((floor, store.oldest_id), (31, 31))
+            self.assertEqual([r.id for r in store.after(0, lambda r: True)], list(range(31, 41)))
+            with sqlite3.connect(path) as other:
+                self.assertEqual(other.execute("SELECT MIN(id) FROM events").fetchone()[0], 31)
+            # A client resuming from before the floor is told first.
+            from tests.test_subscription import FakeSink
+            from trainstream.hub import Filter
+
+            sink = FakeSink()
+            sub = hub.subscribe(sink, Filter())  # type: ignore[arg-type]
+            sub.start(5)
+            self.assertEqual(sink.resets[0][1], 31)
+            self.assertEqual(sink.ids, list(range(31, 41)))
+
+        return Deferred.fromCoroutine(go())
+
+    def test_max_db_mb_keeps_the_file_under_its_limit(self) -> Deferred[None]:
+        path = self.mktemp() + ".sqlite3"
+
+        async def go() -> None:
+            store = SQLiteStore(path, reactor.callFromThread)
+            self.addCleanup(store.close)
+            hub = Hub(store)
+            for batch in range(40):  # about 12 MB of events
+                hub.publish(
+                    [
+                        dict(log(i), message="x" * 300)
+                        for i in range(batch * 1000, batch * 1000 + 1000)
+                    ]
+                )
+            await store.sync()
+            floor = await store.trim(retain_days=None, max_db_mb=4)
+            with sqlite3.connect(path) as other:
+                pages, free, size = (
+                    other.execute(f"PRAGMA {p}").fetchone()[0]
+                    for p in ("page_count", "freelist_count", "page_size")
+                )
+                count = other.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            self.assertLessEqual((pages - free) * size, 4 * 1024 * 1024)
+            self.assertGreater(count, 1000)
+            self.assertEqual(floor, hub.last_id - count + 1)  # the newest are kept
+
+        return Deferred.fromCoroutine(go())

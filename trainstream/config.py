@@ -49,6 +49,8 @@ class Config:
     :param max_history: events the in-memory history keeps.
     :param client_buffer: bytes of events that may wait for one slow client
         before its metrics are coalesced, and past that it is disconnected.
+    :param retain_days: SQLite: drop events older than this many days.
+    :param max_db_mb: SQLite: drop the oldest events while the file holds more.
     :param stall_after: seconds without an event after which a running run is
         marked ``stalled``.
     """
@@ -70,6 +72,8 @@ class Config:
     max_history: int = 100_000
     stall_after: float = 120.0
     client_buffer: int = 1 << 20
+    retain_days: float | None = None
+    max_db_mb: float | None = None
 
     @classmethod
     def from_value(cls, value: Config | Mapping[str, Any] | None) -> Config:
@@ -132,6 +136,7 @@ _STR_OR_NONE = {"listen", "db", "token", "token_file", "ports_file"}
 _STR = {"sse", "ws", "rest"}
 _BOOL = {"memory", "demo"}
 _FLOAT = {"keepalive", "close_timeout", "stall_after"}
+_FLOAT_OR_NONE = {"retain_days", "max_db_mb"}
 _INT = {"retry_ms", "max_history", "client_buffer"}
 
 
@@ -149,6 +154,12 @@ def _coerce(key: str, value: object) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"config {key!r} must be true or false, not {value!r}")
         return value
+    if key in _FLOAT_OR_NONE:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"config {key!r} must be a positive number, not {value!r}")
+        return float(value)
     if key in _FLOAT:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"config {key!r} must be a positive number, not {value!r}")

@@ -13,12 +13,14 @@ resets the connection (``SO_LINGER`` 0) instead of sending a FIN of its own.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import socket
 import struct
 import tempfile
+import termios
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -49,7 +51,6 @@ from trainstream.web.ws import StreamSession
 
 _log = Logger()
 
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 _DONE = Failure(ConnectionDone())
 
 
@@ -68,6 +69,7 @@ class TrackedConnection(ProtocolWrapper):
     factory: TrackingFactory
     peer_closes_first = False  # set per request by web.site.TrackingSite
     _close_call: Any = None
+    _deadline = 0.0
 
     def loseConnection(self) -> None:
         if self.disconnecting:
@@ -80,20 +82,40 @@ class TrackedConnection(ProtocolWrapper):
             self.factory.close_grace, self._force_close
         )
 
-    def close_within(self, seconds: float) -> None:
-        """Close once our data is flushed, or reset if that takes over ``seconds``."""
+    def reset_when_flushed(self, within: float) -> None:
+        """
+        Reset the connection (RST: no FIN from us, so no TIME_WAIT on our
+        port) once everything we wrote has reached the peer, or after
+        ``within`` seconds for a peer that does not read. A peer that closes
+        first meanwhile just closes.
+        """
         self.disconnecting = 1
-        _lose(self._transport())
-        self._close_call = self.factory.reactor.callLater(seconds, self._abort)
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()  # a wait for the peer to close first
+        transport = self._transport()
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()  # nothing more is produced
+        self._deadline = self.factory.reactor.seconds() + within
+        self._check_flushed()
 
-    def _abort(self) -> None:
+    def _check_flushed(self) -> None:
         self._close_call = None
-        self._transport().abortConnection()
+        transport = self._transport()
+        if not getattr(transport, "connected", False):
+            return
+        reactor = self.factory.reactor
+        if _flushed(transport) or reactor.seconds() >= self._deadline:
+            transport.abortConnection()
+        else:
+            self._close_call = reactor.callLater(0.001, self._check_flushed)
+
+    def close_within(self, seconds: float) -> None:
+        """Close once our data has reached the peer, or reset after ``seconds``."""
+        self.reset_when_flushed(seconds)
 
     def _force_close(self) -> None:
         self._close_call = None
-        _reset_on_close(self)
-        _lose(self._transport())
+        self.reset_when_flushed(self.factory.close_grace)
 
     def _transport(self) -> Any:
         return self.transport
@@ -140,35 +162,21 @@ class TrackingFactory(WrappingFactory):
         return d
 
 
-def _reset_on_close(wrapper: ProtocolWrapper) -> None:
+def _flushed(transport: Any) -> bool:
     """
-    Make the next close of this connection a reset (RST), not a FIN: no
-    TIME_WAIT is then left on our port. Data already handed to the kernel on
-    loopback has reached the peer; a slow peer's unread tail is dropped, and it
-    resumes by id.
+    Has everything written reached the peer? Twisted's buffer is empty and,
+    where the system tells (Linux ``TIOCOUTQ``), the kernel's send queue too.
     """
-    transport: Any = wrapper.transport
-    for _ in range(4):  # tcp.Server, or TLS wrapped around it
-        sock = getattr(transport, "socket", None)
-        if isinstance(sock, socket.socket):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            except OSError:
-                pass
-            return
-        transport = getattr(transport, "transport", None)
-        if transport is None:
-            return
-
-
-def _lose(transport: Any) -> None:
-    """
-    ``loseConnection`` that completes: a transport with a paused producer
-    (the HTTP channel) would resume it when drained instead of closing.
-    """
-    if getattr(transport, "producer", None) is not None:
-        transport.unregisterProducer()
-    transport.loseConnection()
+    if len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0):
+        return False
+    sock = getattr(transport, "socket", None)
+    if isinstance(sock, socket.socket) and hasattr(termios, "TIOCOUTQ"):
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return True
+        return bool(struct.unpack("i", queued)[0] == 0)
+    return True
 
 
 @define
@@ -245,13 +253,18 @@ class StreamServer(MultiService):
         if self.config.memory:
             self.store = MemoryStore(self.config.max_history)
         else:
-            from trainstream.store.sqlite import SQLiteStore
+            from trainstream.store.sqlite import RetentionService, SQLiteStore
 
-            self.store = SQLiteStore(
+            store = SQLiteStore(
                 self.config.db or default_db_path(),
                 lambda f, *a: self.reactor.callFromThread(f, *a),
                 cache_events=self.config.max_history,
             )
+            self.store = store
+            if self.config.retain_days or self.config.max_db_mb:
+                RetentionService(
+                    store, self.reactor, self.config.retain_days, self.config.max_db_mb
+                ).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.hub = Hub(self.store, Limits())
         self.clients = Clients()
         self.inbox = Inbox(lambda f: self.reactor.callFromThread(f), self.hub.publish)
@@ -354,8 +367,7 @@ class StreamServer(MultiService):
                     # closeHandshakeTimeout.
                 else:
                     # Plain HTTP (SSE streams are finished by now): flush, then reset.
-                    _reset_on_close(wrapper)
-                    _lose(wrapper.transport)
+                    wrapper.reset_when_flushed(self.config.close_timeout)
         everyone_gone = gatherResults([f.when_empty() for f in factories])
         deadline = self.reactor.callLater(
             self.config.close_timeout + 0.5, self._abort_all, factories

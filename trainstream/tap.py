@@ -34,6 +34,8 @@ class Options(usage.Options):
         ["close-timeout", None, 2.0, "Seconds a client gets to answer a close handshake.", float],
         ["keepalive", None, 15.0, "Seconds between SSE keepalive comments.", float],
         ["stall-after", None, 120.0, "Seconds without events before a run is stalled.", float],
+        ["retain-days", None, None, "SQLite: drop events older than this many days.", float],
+        ["max-db-mb", None, None, "SQLite: drop the oldest events past this file size.", float],
         [
             "client-buffer",
             None,
@@ -81,6 +83,8 @@ def config_from_options(options: Any) -> Config:
             "keepalive": options["keepalive"],
             "stall_after": options["stall-after"],
             "client_buffer": options["client-buffer"],
+            "retain_days": options["retain-days"],
+            "max_db_mb": options["max-db-mb"],
         }
     )
 

@@ -17,40 +17,45 @@ hidden: as in :func:`trainstream.store.downsample`, NaN ranks above every
 number.
 
 What :func:`query` guarantees, for the points of one series with
-``from_step <= step <= to_step`` (the *range*; ``n`` of them) and
-``max_points >= 2``:
+``from_step <= step <= to_step`` (the *range*: ``n`` points, first and last
+steps ``first`` and ``last``) and ``max_points >= 2``:
 
-* ``n <= raw_limit`` (which covers ``n <= max_points``): the answer is
-  exactly ``downsample(points, max_points)`` of those points, read from
-  ``events`` in ``(step, id)`` order. In particular, when ``n <=
-  max_points`` it is all of them, in step order, with ``False``.
-* ``n > raw_limit``: ``(points, True)`` where ``points`` are real points of
-  the range (never invented or averaged), sorted by step (a same-step pair in
-  one output bucket: the lower value first), at most two per output bucket
-  and so at most ``max_points``. Output buckets are those of ``downsample``:
-  ``max_points // 2`` equal slices of ``[first, last]``, the first and last
-  steps of the range. The range is covered exactly, edges included, by
-  aligned blocks: rollup buckets of one level ``L`` (the finest whose bucket
-  count over the range is at most ``raw_limit``) in the middle, finer rollup
-  buckets towards the edges and raw points for the last < 16 steps at each
-  edge. Every block offers its minimum, maximum and first NaN point, each to
-  the output bucket of its own step, which keeps the lowest and highest of
-  its offers (NaN above every number; ties to the smaller step). Therefore:
+* ``n <= max(max_points, exact_limit)``: exactly ``downsample(points,
+  max_points)`` of those points, read from ``events`` in ``(step, id)``
+  order. So when ``n <= max_points``: all of them, in step order, ``False``.
+* otherwise ``(points, True)``, where
 
-  - the range's lowest value (its first point by step) is present; so is its
-    highest value (likewise); if the range holds a NaN, its first NaN is
-    present (a NaN is the highest value); a lone spike is always present;
-  - where a block straddles output buckets, points of it other than its
-    extremes are not seen, so an output bucket may show a less extreme pair
-    than ``downsample`` would, or nothing. With ``raw_limit`` rows or more
-    per level chosen this only happens when output buckets are narrower than
-    rollup buckets, at the straddled edges.
+  - every point is a real point of the range (never invented or averaged),
+    each at most once, sorted by step (a same-step pair: lower value first);
+  - output buckets are those of ``downsample`` (``max_points // 2`` equal
+    slices of ``[first, last]``) and each holds at most two points, its
+    lowest and highest offer, so there are at most ``max_points``;
+  - the range's lowest value and its highest value (NaN ranks above every
+    number, as in ``downsample``) are present, and so is the range's first
+    NaN by step: a lone spike, up or down, is never hidden. Which of several
+    equal-valued points is shown is unspecified (``downsample`` shows the
+    first);
+  - how buckets are filled: the range is cut exactly, edges included, into
+    aligned blocks: buckets of one rollup level ``L`` in the middle (the
+    finest level whose bucket count over the range, at most
+    ``min(n, last // 16**L - first // 16**L + 1)``, is at most
+    ``raw_limit``), finer levels towards the edges, and the raw points of
+    the last < 16 steps at each edge. A block offers its lowest, highest
+    and first NaN point, each to the output bucket of its own step. An output
+    bucket made of whole blocks therefore shows the same values as
+    ``downsample``; one that shares a block with its neighbour may show a
+    less extreme pair, or nothing (so fewer than ``max_points`` points can
+    come back), because the shared block's other points are not seen.
 
-``query`` reads at most about ``raw_limit + 2 * 15 * 6`` rollup rows plus
-the raw points of at most 2 * 15 steps, and counts the range with a few
-index lookups (coarsest blocks), never scanning the series. The counting is
-bounded by the number of level-6 rows in the range, which is small unless
-steps are spread over far more than ``16**6`` per point.
+Cost: two index probes for ``first`` and ``last``; at most 13 range sums on
+the coarsest blocks to count ``n`` (one row per level-6 bucket in the
+middle: few unless steps are spread out far beyond ``16**6`` per point);
+then either at most ``exact_limit`` raw points, or three range scans of
+about ``raw_limit`` rows at level ``L`` that SQLite itself folds per output
+bucket (``GROUP BY``; a bare column beside ``min()``/``max()`` comes from
+the row holding it), plus fewer than 16 rows per finer level and the raw
+points of fewer than 16 steps at each edge. Python handles a few offers per
+output bucket, never the series.
 
 Consistency is the caller's: every metric row inserted into ``events`` must
 go through :func:`update` in the same transaction, and rows deleted from
@@ -62,7 +67,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from trainstream.store import Point, downsample
@@ -275,15 +280,48 @@ def query(
     to_step: int | None,
     max_points: int,
     raw_limit: int = 20_000,
+    exact_limit: int = 4_000,
 ) -> tuple[list[Point], bool]:
     """
     The points of series ``(run, name, segment)`` with ``from_step <= step
     <= to_step`` (either bound ``None`` for open), thinned to at most
     ``max_points`` like :func:`trainstream.store.downsample`; see the module
     docstring for exactly what is guaranteed. Returns ``(points, downsampled)``.
+
+    :param raw_limit: the most rollup rows to read at the level chosen.
+    :param exact_limit: ranges of up to this many points (or ``max_points``)
+        are read raw and given to ``downsample``: exact, but each raw row
+        costs a table lookup.
+
+    Reads in one snapshot: inside the caller's transaction if one is open,
+    else in a read transaction of its own.
     """
     if max_points < 2:
         raise ValueError(f"max_points must be at least 2, got {max_points}")
+    if db.in_transaction:
+        return _query(
+            db, run, name, segment, from_step, to_step, max_points, raw_limit, exact_limit
+        )
+    db.execute("BEGIN")
+    try:
+        return _query(
+            db, run, name, segment, from_step, to_step, max_points, raw_limit, exact_limit
+        )
+    finally:
+        db.execute("COMMIT")
+
+
+def _query(
+    db: sqlite3.Connection,
+    run: str,
+    name: str,
+    segment: int,
+    from_step: int | None,
+    to_step: int | None,
+    max_points: int,
+    raw_limit: int,
+    exact_limit: int,
+) -> tuple[list[Point], bool]:
     lo = _MIN_STEP if from_step is None else max(from_step, _MIN_STEP)
     hi = _MAX_STEP if to_step is None else min(to_step, _MAX_STEP)
     if lo > hi:
@@ -324,7 +362,7 @@ def query(
                 " AND segment = ? AND level = ? AND bucket >= ? AND bucket <= ?"
             )
             count += db.execute(sql, (*key, level, a, b)).fetchone()[0]
-    if count <= max_points or count <= raw_limit:
+    if count <= max(max_points, exact_limit):
         return downsample(raw(first, last), max_points)
 
     top = LEVELS[-1]
@@ -344,7 +382,7 @@ def query(
     high_key = [(-1, 0.0, 0)] * buckets
     high_point: list[Point | None] = [None] * buckets
 
-    def offer(points: list[Point]) -> None:
+    def offer(points: Iterable[Point]) -> None:
         for point in points:
             step, value = point[0], point[1]
             i = (step - first) * buckets // span
@@ -357,23 +395,34 @@ def query(
                 high_key[i] = k
                 high_point[i] = point
 
+    # SQLite folds each block's rows into output buckets itself (a bare
+    # column beside min() or max() comes from the row holding it), so Python
+    # sees at most three offers per output bucket and block, not every row;
+    # unless the bucket arithmetic could overflow 64 bits: then every row.
+    grouped = span * buckets < 2**62
     for level, a, b in _cover(first, last, top):
         if level == 0:
             offer(raw(a, b))
             continue
-        offers: list[Point] = []
-        for r in db.execute(
-            "SELECT min_step, min_value, min_time, max_step, max_value, max_time,"
-            " nan_step, nan_time FROM rollup WHERE run = ? AND name = ? AND segment = ?"
-            " AND level = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket",
-            (*key, level, a, b),
+        for column, agg, point in (
+            ("min", "min", "min_step, min_value, min_time"),
+            ("max", "max", "max_step, max_value, max_time"),
+            ("nan", "min", "nan_step, NULL, nan_time"),
         ):
-            if r[0] is not None:
-                offers.append((r[0], r[1], r[2]))
-                offers.append((r[3], r[4], r[5]))
-            if r[6] is not None:
-                offers.append((r[6], math.nan, r[7]))
-        offer(offers)
+            where = (
+                "FROM rollup WHERE run = ? AND name = ? AND segment = ? AND level = ?"
+                f" AND bucket >= ? AND bucket <= ? AND {column}_step IS NOT NULL"
+            )
+            args: tuple[object, ...] = (*key, level, a, b)
+            if grouped:
+                sql = (
+                    f"SELECT {point}, {agg}({column}_{'step' if column == 'nan' else 'value'})"
+                    f" {where} GROUP BY ({column}_step - ?) * ? / ?"
+                )
+                args += (first, buckets, span)
+            else:
+                sql = f"SELECT {point} {where}"
+            offer((s, _value(v), t) for s, v, t, *_ in db.execute(sql, args))
 
     out: list[Point] = []
     for i in range(buckets):

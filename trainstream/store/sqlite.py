@@ -31,12 +31,15 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from trainstream.errors import StoreError
@@ -200,6 +203,8 @@ class SQLiteStore:
         self._waiters: list[tuple[int, Deferred[None]]] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._failure: BaseException | None = None
+        self._trims: list[Deferred[int]] = []
+        self._now: Callable[[], float] = time.time
         self._closed = False
         self._writer = threading.Thread(
             target=self._write_loop, args=(_connect(path),), name="trainstream-sqlite", daemon=True
@@ -338,6 +343,29 @@ class SQLiteStore:
         self._queue.put(("delete", run))
         return count
 
+    def trim(self, retain_days: float | None, max_db_mb: float | None) -> Deferred[int]:
+        """
+        Drop the oldest events (in id order) older than ``retain_days``, then
+        the oldest while the file's used pages exceed ``max_db_mb``; fires
+        with the new ``oldest_id``. Done by the writer, between batches.
+        """
+        d: Deferred[int] = Deferred()
+        self._trims.append(d)
+        cutoff = None if retain_days is None else self._now() - retain_days * 86400
+        limit = None if max_db_mb is None else int(max_db_mb * 1024 * 1024)
+        self._queue.put(("trim", cutoff, limit))
+        return d
+
+    def _on_trim(self, floor: int) -> None:
+        """Reactor thread: events below ``floor`` are gone."""
+        self._floor = max(self._floor, floor)
+        cache = self._cache
+        while cache and cache[0].id < self._floor:
+            cache.popleft()
+        trims, self._trims = self._trims, []
+        for d in trims:
+            d.callback(self._floor)
+
     def close(self) -> None:
         """Commit what is queued, stop the writer, release the file."""
         if self._closed:
@@ -376,6 +404,8 @@ class SQLiteStore:
                 for item in items:  # in queue order: a delete after inserts sees them
                     if item is _STOP:
                         stop = True
+                    elif isinstance(item, tuple) and item[0] == "trim":
+                        pass  # after this transaction
                     elif isinstance(item, tuple):
                         if rows:
                             db.executemany(insert, rows)
@@ -409,7 +439,55 @@ class SQLiteStore:
                 continue
             if last:
                 self._call_from_thread(self._on_commit, last)
+            for item in items:
+                if isinstance(item, tuple) and item[0] == "trim":
+                    floor = self._trim(db, item[1], item[2])
+                    self._call_from_thread(self._on_trim, floor)
         db.close()
+
+    def _trim(self, db: sqlite3.Connection, cutoff: float | None, limit: int | None) -> int:
+        """Writer thread: delete the oldest events past the retention; the new floor."""
+        chunk = 10_000
+        try:
+            if cutoff is not None:
+                while True:
+                    rows = db.execute(
+                        "SELECT id, time FROM events ORDER BY id LIMIT ?", (chunk,)
+                    ).fetchall()
+                    old = [i for i, t in itertools.takewhile(lambda r: r[1] < cutoff, rows)]
+                    if not old:
+                        break
+                    self._delete_through(db, old[-1])
+                    if len(old) < len(rows):
+                        break
+            if limit is not None:
+                page_size = db.execute("PRAGMA page_size").fetchone()[0]
+                for _ in range(10_000):  # bounded: each pass removes a chunk
+                    pages = db.execute("PRAGMA page_count").fetchone()[0]
+                    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+                    used = (pages - free) * page_size
+                    if used <= limit:
+                        break
+                    low, high = db.execute("SELECT MIN(id), MAX(id) FROM events").fetchone()
+                    if low is None:
+                        break
+                    # Ids are dense: drop the share of them the excess is, a bit more.
+                    excess = (used - limit) / used
+                    n = min(chunk, max(100, int(excess * (high - low + 1) * 1.05) + 1))
+                    self._delete_through(db, min(high, low + n - 1))
+            oldest = db.execute("SELECT MIN(id) FROM events").fetchone()[0]
+            floor = int(oldest) if oldest is not None else self._committed + 1
+            return floor
+        except sqlite3.Error as e:
+            _log.error("history file {path}: retention failed: {e}", path=self.path, e=e)
+            return self._floor
+
+    @staticmethod
+    def _delete_through(db: sqlite3.Connection, last_id: int) -> None:
+        db.execute("BEGIN")
+        db.execute("DELETE FROM events WHERE id <= ?", (last_id,))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'floor'", (str(last_id + 1),))
+        db.execute("COMMIT")
 
     def _on_commit(self, committed: int) -> None:
         """Reactor thread: the writer has committed every id up to ``committed``."""
@@ -418,3 +496,34 @@ class SQLiteStore:
         self._waiters = [(upto, d) for upto, d in self._waiters if upto > self._committed]
         for d in ready:
             d.callback(None)
+
+
+class RetentionService(Service):
+    """Enforces ``--retain-days`` and ``--max-db-mb`` every ``interval`` seconds."""
+
+    def __init__(
+        self,
+        store: SQLiteStore,
+        clock: Any,
+        retain_days: float | None,
+        max_db_mb: float | None,
+        interval: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.retain_days = retain_days
+        self.max_db_mb = max_db_mb
+        self._loop = LoopingCall(self._run)
+        self._loop.clock = clock
+        self.interval = interval
+
+    def _run(self) -> Deferred[int]:
+        return self.store.trim(self.retain_days, self.max_db_mb)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._loop.running:
+            self._loop.stop()
