@@ -286,3 +286,46 @@ class RetentionTests(TestCase):
             self.assertEqual(floor, hub.last_id - count + 1)  # the newest are kept
 
         return Deferred.fromCoroutine(go())
+
+
+class RegistryRestartTests(TestCase):
+    def test_runs_registry_is_the_same_after_a_restart(self) -> Deferred[None]:
+        """The registry rebuilt from the file's summaries equals the live one."""
+        from trainstream.service import StreamServer
+
+        path = self.mktemp() + ".sqlite3"
+        config = {"db": path, "listen": "tcp:0:interface=127.0.0.1"}
+
+        async def go() -> None:
+            first = StreamServer(config, reactor)
+            await first.start()
+            first.hub.accept(
+                [
+                    {"type": "status", "run": "a", "state": "created"},
+                    {"type": "hparams", "run": "a", "params": {"lr": 0.1}},
+                    *[metric(i, 1.0 / (i + 1), "a") for i in range(50)],
+                    metric(50, float("nan"), "a"),
+                    {"type": "status", "run": "b", "state": "failed", "message": "OOM"},
+                    *[metric(i, float(i), "b") for i in range(7)],
+                ]
+            )
+            live = {info.run: info.detail() for info in first.runs.all()}
+            alerts = first.runs.nan_alerts_total
+            await first.stop()
+            first.close()
+            second = StreamServer(config, reactor)
+            self.addCleanup(second.close)
+            rebuilt = {info.run: info.detail() for info in second.runs.all()}
+            self.assertEqual(alerts, 1)
+            for run in ("a", "b"):
+                for key in ("state", "hparams", "last_step", "created", "updated"):
+                    self.assertEqual(rebuilt[run][key], live[run][key], (run, key))
+                self.assertEqual(
+                    json.dumps(rebuilt[run]["metrics"], default=str),
+                    json.dumps(live[run]["metrics"], default=str),
+                )
+            # The NaN was alerted before the restart: not again.
+            second.hub.accept([metric(51, float("nan"), "a")])
+            self.assertEqual(second.runs.nan_alerts_total, 0)
+
+        return Deferred.fromCoroutine(go())

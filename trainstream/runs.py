@@ -24,7 +24,7 @@ stream can derive the same states:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from attrs import Factory, define
@@ -34,7 +34,7 @@ from twisted.logger import Logger
 
 from trainstream.events import STATES
 from trainstream.hub import Hub
-from trainstream.store import Record
+from trainstream.store import Record, SeriesSummary
 
 _log = Logger()
 
@@ -155,7 +155,13 @@ class RunsService(Service):
         self.stalls_total = 0
         self.nan_alerts_total = 0
         # A persistent history already holds runs: know them without alerting again.
-        self._apply_all(hub.store.after(0, lambda r: True), [])
+        registry = getattr(hub.store, "registry", None)
+        if registry is None:
+            self._apply_all(hub.store.after(0, lambda r: True), [])
+        else:
+            records, summaries = registry()
+            self._apply_all(records, [])
+            self._load_summaries(summaries)
         hub.observers.append(self.observe)
 
     # Service
@@ -243,6 +249,25 @@ class RunsService(Service):
     def forget(self, run: str) -> None:
         self._runs.pop(run, None)
         self._nan_alerted = {key for key in self._nan_alerted if key[0] != run}
+
+    def _load_summaries(self, summaries: Mapping[tuple[str, str], SeriesSummary]) -> None:
+        """A persistent store's series summaries, in place of replaying every point."""
+        now = self.clock.seconds()
+        latest: dict[str, int] = {}
+        for (run, name), s in sorted(summaries.items(), key=lambda kv: kv[1].last_id):
+            info = self._runs.get(run)
+            if info is None:
+                info = RunInfo(
+                    run, "running", created=s.last_time, updated=s.last_time, last_seen=now
+                )
+                self._runs[run] = info
+            info.updated = max(info.updated, s.last_time)
+            info.metrics[name] = MetricSummary(s.count, s.last_step, s.last_value, s.min, s.max)
+            if s.last_id > latest.get(run, -1):
+                latest[run] = s.last_id
+                info.last_step = s.last_step
+            if info.state == "created":
+                info.state = "running"
 
     def _apply_all(self, records: Iterable[Record], alerts: list[dict[str, object]]) -> None:
         now = self.clock.seconds()

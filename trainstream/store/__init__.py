@@ -39,6 +39,19 @@ class Record:
     segment: int = 0
 
 
+@frozen
+class SeriesSummary:
+    """A series' life so far, as a persistent store keeps it (see ``runs``)."""
+
+    count: int
+    last_step: int
+    last_value: float
+    min: float | None
+    max: float | None
+    last_time: float
+    last_id: int
+
+
 class Store(Protocol):
     """What the Hub, the runs registry and the REST API need of a history."""
 

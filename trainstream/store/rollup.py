@@ -59,8 +59,9 @@ output bucket, never the series.
 
 Consistency is the caller's: every metric row inserted into ``events`` must
 go through :func:`update` in the same transaction, and rows deleted from
-``events`` must be removed from the rollups too (:func:`delete_run`, or
-:func:`rebuild`).
+``events`` must be removed from the rollups too: :func:`delete_run` for a
+run, :func:`trim` for retention (``id <= last_id``), :func:`refresh` for
+other deletions, :func:`rebuild` for everything (a migration).
 """
 
 from __future__ import annotations
@@ -167,6 +168,29 @@ def update(
     """
     if not points:
         return
+    level = _level1(points)
+    rows: list[tuple[Any, ...]] = []
+    for k in LEVELS:
+        if k > 1:
+            coarser: dict[tuple[str, str, int, int], _Agg] = {}
+            for (run, name, segment, bucket), a in level.items():
+                key = (run, name, segment, bucket >> _SHIFT)
+                into = coarser.get(key)
+                if into is None:
+                    coarser[key] = a.copy()
+                else:
+                    _merge(into, a)
+            level = coarser
+        rows.extend(
+            (run, name, segment, k, bucket, *a) for (run, name, segment, bucket), a in level.items()
+        )
+    db.executemany(_UPSERT, rows)
+
+
+def _level1(
+    points: Iterable[tuple[str, str, int, int, float | None, float]],
+) -> dict[tuple[str, str, int, int], _Agg]:
+    """The level-1 aggregates of ``points`` (in arrival order)."""
     level: dict[tuple[str, str, int, int], _Agg] = {}
     get = level.get
     for run, name, segment, step, value, time in points:
@@ -195,27 +219,72 @@ def update(
                 a[4] = step
                 a[5] = value
                 a[6] = time
-    rows: list[tuple[Any, ...]] = []
-    for k in LEVELS:
-        if k > 1:
-            coarser: dict[tuple[str, str, int, int], _Agg] = {}
-            for (run, name, segment, bucket), a in level.items():
-                key = (run, name, segment, bucket >> _SHIFT)
-                into = coarser.get(key)
-                if into is None:
-                    coarser[key] = a.copy()
-                else:
-                    _merge(into, a)
-            level = coarser
-        rows.extend(
-            (run, name, segment, k, bucket, *a) for (run, name, segment, bucket), a in level.items()
-        )
-    db.executemany(_UPSERT, rows)
+    return level
 
 
 def delete_run(db: sqlite3.Connection, run: str) -> None:
     """Forget the rollups of every series of ``run`` (with its ``events`` rows)."""
     db.execute("DELETE FROM rollup WHERE run = ?", (run,))
+
+
+def trim(db: sqlite3.Connection, last_id: int) -> int:
+    """
+    ``DELETE FROM events WHERE id <= last_id`` (retention) and bring the
+    rollups of the series that lost points back in line, recomputing only
+    the buckets around the steps removed (:func:`refresh`). Inside the
+    caller's transaction. Returns the number of ``events`` rows deleted.
+    """
+    ranges = db.execute(
+        "SELECT run, name, segment, min(step), max(step) FROM events WHERE id <= ?"
+        " AND type = 'metric' AND name IS NOT NULL AND step IS NOT NULL"
+        " AND segment IS NOT NULL GROUP BY run, name, segment",
+        (last_id,),
+    ).fetchall()
+    deleted = db.execute("DELETE FROM events WHERE id <= ?", (last_id,)).rowcount
+    refresh(db, ranges)
+    return int(deleted)
+
+
+def refresh(db: sqlite3.Connection, ranges: Iterable[tuple[str, str, int, int, int]]) -> None:
+    """
+    Recompute the rollup buckets of every level that hold a step of
+    ``(run, name, segment, low_step, high_step)``, from what ``events`` holds
+    now: level 1 from the raw points of those buckets, each coarser level
+    from the rows of the level below. Call after deleting points of those
+    step ranges from ``events``, in the same transaction.
+    """
+    for run, name, segment, lo, hi in ranges:
+        key = (run, name, segment)
+        where = "run = ? AND name = ? AND segment = ? AND level = ? AND bucket >= ? AND bucket <= ?"
+        a, b = lo >> _SHIFT, hi >> _SHIFT
+        level = _level1(
+            (run, name, segment, step, value, t)
+            for step, value, t in db.execute(
+                f"SELECT step, value, time FROM events WHERE {_SERIES}"
+                " AND step >= ? AND step <= ? ORDER BY id",
+                (*key, a << _SHIFT, ((b + 1) << _SHIFT) - 1),
+            )
+        )
+        for k in LEVELS:
+            shift = _SHIFT * k
+            a, b = lo >> shift, hi >> shift
+            if k > 1:
+                level = {}
+                for bucket, *agg in db.execute(
+                    "SELECT bucket, count, min_step, min_value, min_time, max_step, max_value,"
+                    f" max_time, nan_step, nan_time FROM rollup WHERE {where} ORDER BY bucket",
+                    (*key, k - 1, a << _SHIFT, ((b + 1) << _SHIFT) - 1),
+                ):
+                    into = level.get((*key, bucket >> _SHIFT))
+                    if into is None:
+                        level[(*key, bucket >> _SHIFT)] = agg
+                    else:
+                        _merge(into, agg)
+            db.execute(f"DELETE FROM rollup WHERE {where}", (*key, k, a, b))
+            db.executemany(
+                "INSERT INTO rollup VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*key, k, bucket, *agg) for (_, _, _, bucket), agg in level.items()],
+            )
 
 
 def rebuild(db: sqlite3.Connection, chunk: int = 50_000) -> None:
@@ -438,4 +507,14 @@ def _query(
     return out, True
 
 
-__all__ = ["LEVELS", "SCHEMA", "delete_run", "ensure_schema", "query", "rebuild", "update"]
+__all__ = [
+    "LEVELS",
+    "SCHEMA",
+    "delete_run",
+    "ensure_schema",
+    "query",
+    "rebuild",
+    "refresh",
+    "trim",
+    "update",
+]

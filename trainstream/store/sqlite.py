@@ -43,7 +43,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from trainstream.errors import StoreError
-from trainstream.store import Point, Record
+from trainstream.store import Point, Record, SeriesSummary
 
 _log = Logger()
 
@@ -65,11 +65,20 @@ CREATE TABLE events (
 CREATE INDEX events_series ON events (run, name, segment, step) WHERE type = 'metric';
 CREATE INDEX events_run ON events (run);
 -- One row per series: where it stands, so a restart need not scan events.
+CREATE INDEX events_registry ON events (id) WHERE type IN ('status', 'hparams', 'alert');
+-- One row per series: where it stands and its summary over its whole life
+-- (min/max over finite values), so a restart scans no points.
 CREATE TABLE series (
     run TEXT NOT NULL,
     name TEXT NOT NULL,
     segment INTEGER NOT NULL,
     last_step INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    min REAL,
+    max REAL,
+    last_value REAL,          -- NULL for NaN
+    last_time REAL NOT NULL,
+    last_id INTEGER NOT NULL,
     PRIMARY KEY (run, name)
 );
 """
@@ -88,6 +97,33 @@ def _row(r: Record) -> tuple[Any, ...]:
         value = None  # not a metric, or NaN: SQLite would store NULL anyway
     segment = r.segment if r.type == "metric" else None
     return (r.id, r.type, r.run, r.name, e.get("step"), value, e["time"], r.json, segment)
+
+
+def _summarize(series: dict[tuple[str, str], list[Any]], r: Record) -> None:
+    """Fold a metric into its series' batch summary (upserted per batch)."""
+    e = r.event
+    value = e["value"]
+    assert isinstance(value, int | float) and r.name is not None
+    finite = value if math.isfinite(value) else None
+    last_value = None if value != value else value
+    row = series.get((r.run, r.name))
+    if row is None:
+        series[(r.run, r.name)] = [
+            r.segment,
+            e["step"],
+            1,
+            finite,
+            finite,
+            last_value,
+            e["time"],
+            r.id,
+        ]
+        return
+    row[0], row[1], row[2] = r.segment, e["step"], row[2] + 1
+    if finite is not None:
+        row[3] = finite if row[3] is None else min(row[3], finite)
+        row[4] = finite if row[4] is None else max(row[4], finite)
+    row[5], row[6], row[7] = last_value, e["time"], r.id
 
 
 def _record(row: tuple[int, str, str, str | None, str]) -> Record:
@@ -273,6 +309,26 @@ class SQLiteStore:
                     break
         return out
 
+    def registry(self) -> tuple[list[Record], dict[tuple[str, str], SeriesSummary]]:
+        """
+        What the runs registry needs at start, without reading every point:
+        the status, hparams and alert events, and each series' summary.
+        """
+        rows = self._db.execute(
+            "SELECT id, type, run, name, json FROM events "
+            "WHERE type IN ('status', 'hparams', 'alert') ORDER BY id"
+        ).fetchall()
+        summaries = {
+            (run, name): SeriesSummary(
+                count, step, math.nan if value is None else value, low, high, t, last_id
+            )
+            for run, name, step, count, low, high, value, t, last_id in self._db.execute(
+                "SELECT run, name, last_step, count, min, max, last_value, last_time, last_id "
+                "FROM series"
+            )
+        }
+        return [_record(row) for row in rows], summaries
+
     def segments(self) -> dict[tuple[str, str], tuple[int, int]]:
         rows = self._db.execute("SELECT run, name, segment, last_step FROM series").fetchall()
         return {(run, name): (segment, step) for run, name, segment, step in rows}
@@ -384,11 +440,16 @@ class SQLiteStore:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         upsert_series = (
-            "INSERT INTO series (run, name, segment, last_step) VALUES (?, ?, ?, ?) "
+            "INSERT INTO series (run, name, segment, last_step, count, min, max, last_value, "
+            "last_time, last_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (run, name) DO UPDATE SET segment = excluded.segment, "
-            "last_step = excluded.last_step"
+            "last_step = excluded.last_step, count = count + excluded.count, "
+            "min = MIN(COALESCE(min, excluded.min), COALESCE(excluded.min, min)), "
+            "max = MAX(COALESCE(max, excluded.max), COALESCE(excluded.max, max)), "
+            "last_value = excluded.last_value, last_time = excluded.last_time, "
+            "last_id = excluded.last_id"
         )
-        series: dict[tuple[str, str], tuple[int, object]] = {}
+        series: dict[tuple[str, str], list[Any]] = {}
         stop = False
         while not stop:
             items = [self._queue.get()]
@@ -419,7 +480,7 @@ class SQLiteStore:
                         for r in item:
                             rows.append(_row(r))
                             if r.type == "metric" and r.name is not None:
-                                series[(r.run, r.name)] = (r.segment, r.event["step"])
+                                _summarize(series, r)
                         last = item[-1].id
                 if rows:
                     db.executemany(insert, rows)
