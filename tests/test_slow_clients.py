@@ -349,6 +349,7 @@ class SlowClientTests(TestCase):
             self.assertEqual(notice["last_id"], ids[-1])
             self.assertEqual(ids, list(range(1, ids[-1] + 1)))
             self.assertIn("resume", notice["reason"])
+
             def read_until_close_frame(s: socket.socket) -> bytes:
                 s.settimeout(10)
                 data = b""

@@ -329,3 +329,41 @@ class RegistryRestartTests(TestCase):
             self.assertEqual(second.runs.nan_alerts_total, 0)
 
         return Deferred.fromCoroutine(go())
+
+
+class SQLiteHistoryRestTests(TestCase):
+    """Metric history over REST from the SQLite rollups: spikes, segments, fresh points."""
+
+    def test_history_from_rollups(self) -> Deferred[None]:
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+
+        from trainstream.service import StreamServer
+
+        path = self.mktemp() + ".sqlite3"
+        server = StreamServer({"db": path, "listen": "tcp:0:interface=127.0.0.1"}, reactor)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+
+        async def get(query: str) -> dict[str, Any]:
+            response = await treq.get(server.urls["rest"] + query, pool=pool)
+            result: dict[str, Any] = json.loads(await response.text())
+            return result
+
+        async def go() -> None:
+            await server.start()
+            self.addCleanup(server.close)
+            self.addCleanup(server.stop)
+            for start in range(0, 60_000, 10_000):
+                server.hub.accept([metric(s, 1.0, "big") for s in range(start, start + 10_000)])
+            server.hub.accept([metric(31_337, 1000.0, "big")])  # a step back: a new segment
+            body = await get("/runs/big/metrics/loss")
+            self.assertEqual([p[:2] for p in body["points"]], [[31_337, 1000.0]])
+            body = await get("/runs/big/metrics/loss?segments=all&max_points=200")
+            self.assertTrue(body["downsampled"])
+            self.assertLessEqual(len(body["points"]), 200)
+            self.assertIn([31_337, 1000.0], [p[:2] for p in body["points"]])
+            server.hub.accept([metric(40_000, -5.0, "big")])  # answered at once, too
+            body = await get("/runs/big/metrics/loss?max_points=200")
+            self.assertEqual([p[:2] for p in body["points"]], [[31_337, 1000.0], [40_000, -5.0]])
+
+        return Deferred.fromCoroutine(go())

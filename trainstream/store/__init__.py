@@ -95,6 +95,21 @@ class Store(Protocol):
     def segments(self) -> dict[tuple[str, str], tuple[int, int]]:
         """Each stored series' (run, name) -> (current segment, last step)."""
 
+    def history(
+        self,
+        run: str,
+        name: str,
+        segment: int | None,
+        from_step: int | None,
+        to_step: int | None,
+        max_points: int,
+    ) -> tuple[list[Point], bool]:
+        """
+        The points of a series (``segment`` ``None`` for all), at most
+        ``max_points``, thinned without hiding a spike (see ``downsample``);
+        and whether any were dropped.
+        """
+
     def delete_run(self, run: str) -> int:
         """Forget every stored event of ``run``; return how many there were."""
 

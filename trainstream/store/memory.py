@@ -13,7 +13,7 @@ from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 
-from trainstream.store import Point, Record
+from trainstream.store import Point, Record, downsample
 
 
 class MemoryStore:
@@ -67,6 +67,18 @@ class MemoryStore:
             if r.type == "metric" and r.name is not None:
                 out[(r.run, r.name)] = (r.segment, cast(int, r.event["step"]))
         return out
+
+    def history(
+        self,
+        run: str,
+        name: str,
+        segment: int | None,
+        from_step: int | None,
+        to_step: int | None,
+        max_points: int,
+    ) -> tuple[list[Point], bool]:
+        """The series' points, thinned like ``downsample``."""
+        return downsample(self.series(run, name, from_step, to_step, segment), max_points)
 
     def series(
         self,

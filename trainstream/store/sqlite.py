@@ -43,7 +43,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from trainstream.errors import StoreError
-from trainstream.store import Point, Record, SeriesSummary
+from trainstream.store import Point, Record, SeriesSummary, downsample, rollup
 
 _log = Logger()
 
@@ -97,6 +97,13 @@ def _row(r: Record) -> tuple[Any, ...]:
         value = None  # not a metric, or NaN: SQLite would store NULL anyway
     segment = r.segment if r.type == "metric" else None
     return (r.id, r.type, r.run, r.name, e.get("step"), value, e["time"], r.json, segment)
+
+
+def _points(
+    rows: Sequence[tuple[Any, ...]],
+) -> list[tuple[str, str, int, int, float | None, float]]:
+    """The metric rows of a batch as rollup points: (run, name, segment, step, value, time)."""
+    return [(r[2], r[3], r[8], r[4], r[5], r[6]) for r in rows if r[1] == "metric"]
 
 
 def _summarize(series: dict[tuple[str, str], list[Any]], r: Record) -> None:
@@ -185,6 +192,7 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
             for statement in _SCHEMA_1.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            rollup.ensure_schema(db)
             db.execute("INSERT INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
             db.execute("INSERT INTO meta VALUES ('last_id', '0')")
             db.execute("INSERT INTO meta VALUES ('floor', '1')")
@@ -329,6 +337,40 @@ class SQLiteStore:
         }
         return [_record(row) for row in rows], summaries
 
+    def history(
+        self,
+        run: str,
+        name: str,
+        segment: int | None,
+        from_step: int | None,
+        to_step: int | None,
+        max_points: int,
+    ) -> tuple[list[Point], bool]:
+        """
+        Committed points of a series, thinned from the rollups (no scan of
+        the series); ``sync()`` first to include the newest. All segments
+        (``segment`` ``None``) are merged in Python from each one's rollups.
+        """
+        if segment is not None:
+            return rollup.query(self._db, run, name, segment, from_step, to_step, max_points)
+        segments = [
+            row[0]
+            for row in self._db.execute(
+                "SELECT DISTINCT segment FROM rollup WHERE run = ? AND name = ? AND level = 1",
+                (run, name),
+            )
+        ]
+        points: list[Point] = []
+        downsampled = False
+        for seg in segments:
+            part, thinned = rollup.query(self._db, run, name, seg, from_step, to_step, max_points)
+            points.extend(part)
+            downsampled |= thinned
+        if len(points) > max_points:
+            points, _ = downsample(points, max_points)
+            downsampled = True
+        return points, downsampled
+
     def segments(self) -> dict[tuple[str, str], tuple[int, int]]:
         rows = self._db.execute("SELECT run, name, segment, last_step FROM series").fetchall()
         return {(run, name): (segment, step) for run, name, segment, step in rows}
@@ -470,12 +512,14 @@ class SQLiteStore:
                     elif isinstance(item, tuple):
                         if rows:
                             db.executemany(insert, rows)
+                            rollup.update(db, _points(rows))
                             rows = []
                         if series:
                             db.executemany(upsert_series, [(*k, *v) for k, v in series.items()])
                             series.clear()
                         db.execute("DELETE FROM events WHERE run = ?", (item[1],))
                         db.execute("DELETE FROM series WHERE run = ?", (item[1],))
+                        rollup.delete_run(db, item[1])
                     else:
                         for r in item:
                             rows.append(_row(r))
@@ -484,6 +528,7 @@ class SQLiteStore:
                         last = item[-1].id
                 if rows:
                     db.executemany(insert, rows)
+                    rollup.update(db, _points(rows))
                 if series:
                     db.executemany(upsert_series, [(*k, *v) for k, v in series.items()])
                     series.clear()
@@ -546,7 +591,7 @@ class SQLiteStore:
     @staticmethod
     def _delete_through(db: sqlite3.Connection, last_id: int) -> None:
         db.execute("BEGIN")
-        db.execute("DELETE FROM events WHERE id <= ?", (last_id,))
+        rollup.trim(db, last_id)  # deletes the events, repairs their rollups
         db.execute("UPDATE meta SET value = ? WHERE key = 'floor'", (str(last_id + 1),))
         db.execute("COMMIT")
 

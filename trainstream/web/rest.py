@@ -18,7 +18,6 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from trainstream._version import __version__
 from trainstream.events import BodyTooLarge, EventError, decode_body, encode_json
-from trainstream.store import downsample
 from trainstream.web.openapi import openapi_document
 from trainstream.web.sse import BadQueryError, filter_from_lists, parse_event_id
 
@@ -207,7 +206,7 @@ class RestApi:
         return json_response(request, {"runs": [info.summary() for info in self.server.runs.all()]})
 
     @app.route("/runs/<path:tail>", methods=["GET", "DELETE"])
-    def run_path(self, request: Request, tail: str) -> bytes:
+    def run_path(self, request: Request, tail: str) -> bytes | Deferred[bytes]:
         """``/runs/{run}`` and ``/runs/{run}/metrics/{name}``: see ``split_run_path``."""
         run, name = split_run_path(_raw_tail(request, tail))
         if request.method == b"DELETE":
@@ -236,7 +235,7 @@ class RestApi:
         _log.info("run {run} deleted ({n} events)", run=run, n=removed)
         return json_response(request, {"run": run, "deleted": removed})
 
-    def _metric_series(self, request: Request, run: str, name: str) -> bytes:
+    def _metric_series(self, request: Request, run: str, name: str) -> bytes | Deferred[bytes]:
         args: dict[bytes, list[bytes]] = request.args or {}
         try:
             from_step = int_param(args, "from_step", 0)
@@ -262,13 +261,17 @@ class RestApi:
             )
         hub = self.server.hub
         segment = None if segments == b"all" else hub.segments.current(run, name)
-        points = hub.store.series(run, name, from_step, to_step, segment)
-        kept, downsampled = downsample(
-            points, max_points if max_points is not None else DEFAULT_MAX_POINTS
-        )
-        return json_response(
-            request, {"run": run, "name": name, "points": kept, "downsampled": downsampled}
-        )
+        store = hub.store
+        limit = max_points if max_points is not None else DEFAULT_MAX_POINTS
+
+        def answer(_: object) -> bytes:
+            # Read the history once what was published before this call is stored.
+            kept, downsampled = store.history(run, name, segment, from_step, to_step, limit)
+            return json_response(
+                request, {"run": run, "name": name, "points": kept, "downsampled": downsampled}
+            )
+
+        return store.sync().addCallback(answer)
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
