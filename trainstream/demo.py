@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from typing import Any
 
 from twisted.application.service import Service
@@ -40,6 +41,7 @@ class DemoService(Service):
         self._run_number = 0
         self._step = 0
         self._run = ""
+        self._started = time.strftime("%Y%m%d-%H%M%S", time.gmtime(clock.seconds()))
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -54,7 +56,10 @@ class DemoService(Service):
     def _new_run(self) -> None:
         self._run_number += 1
         self._step = 0
-        self._run = f"demo-{self._run_number}"
+        # Named after this start, so a persistent history's earlier demo runs
+        # stay as they were (the same name with steps from 0 again would be
+        # taken for a checkpoint rewind).
+        self._run = f"demo-{self._started}-{self._run_number}"
         self.hub.accept(
             [
                 {"type": "status", "run": self._run, "state": "created"},
