@@ -279,8 +279,9 @@ class Subscription:
         for key, n in folded.items():
             rid = latest[key].id
             self._coalesced[rid] = self._coalesced.get(rid, 0) + n
-            self.coalesced_total += n
-        self.hub.coalesced_total += sum(folded.values())
+        dropped = len(self._pending) - len(kept)  # earlier folds are counted already
+        self.coalesced_total += dropped
+        self.hub.coalesced_total += dropped
         self._pending = kept
         self._pending_bytes = sum(r.size for r in kept)
 

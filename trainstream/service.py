@@ -96,9 +96,9 @@ class TrackedConnection(ProtocolWrapper):
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()  # nothing more is produced
         self._deadline = self.factory.reactor.seconds() + within
-        self._check_flushed()
+        self._check_flushed(0.001)
 
-    def _check_flushed(self) -> None:
+    def _check_flushed(self, wait: float) -> None:
         self._close_call = None
         transport = self._transport()
         if not getattr(transport, "connected", False):
@@ -107,7 +107,9 @@ class TrackedConnection(ProtocolWrapper):
         if _flushed(transport) or reactor.seconds() >= self._deadline:
             transport.abortConnection()
         else:
-            self._close_call = reactor.callLater(0.001, self._check_flushed)
+            # Look again soon, then less often: a peer that does not read
+            # should cost next to nothing while it is given its time.
+            self._close_call = reactor.callLater(wait, self._check_flushed, min(wait * 2, 0.25))
 
     def close_within(self, seconds: float) -> None:
         """Close once our data has reached the peer, or reset after ``seconds``."""
@@ -170,7 +172,11 @@ def _flushed(transport: Any) -> bool:
     if len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0):
         return False
     sock = getattr(transport, "socket", None)
-    if isinstance(sock, socket.socket) and hasattr(termios, "TIOCOUTQ"):
+    if (
+        isinstance(sock, socket.socket)
+        and sock.family in (socket.AF_INET, socket.AF_INET6)  # on UNIX sockets it means unread
+        and hasattr(termios, "TIOCOUTQ")
+    ):
         try:
             queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         except OSError:
@@ -272,6 +278,7 @@ class StreamServer(MultiService):
         self.listeners: list[Listener] = []
         self._started_at = time.monotonic()
         self._starting: Deferred[StreamServer] | None = None
+        self._stop_waiters: list[Deferred[None]] = []
         self.runs = RunsService(self.hub, self.reactor, self.config.stall_after)
         self.runs.setServiceParent(self)  # type: ignore[no-untyped-call]
         if self.config.demo:
@@ -331,8 +338,21 @@ class StreamServer(MultiService):
         Stop the child services, close every listening port and every client
         connection. Fires only when each ``stopListening`` Deferred has fired
         and each connection is gone, so every port can be bound again at once.
+        A stop asked for while one runs fires when that one ends.
         """
-        return Deferred.fromCoroutine(self._stop())
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        if len(self._stop_waiters) == 1:
+            Deferred.fromCoroutine(self._stop()).addBoth(self._stopped)
+        return waiter
+
+    def _stopped(self, result: object) -> None:
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
 
     async def _stop(self) -> None:
         if self.running:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from trainstream.config import DEFAULT_REST, DEFAULT_SSE, DEFAULT_WS, Config
@@ -89,18 +89,36 @@ def config_from_options(options: Any) -> Config:
     )
 
 
+class TwistdService(MultiService):
+    """
+    What twistd runs. The server itself is built in ``privilegedStartService``,
+    which twistd calls after it has daemonized: the SQLite writer thread
+    must be started in the process that will use it (threads do not survive
+    the fork), and a history file held by another server is reported then.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self.server: Any = None
+
+    def privilegedStartService(self) -> None:
+        from trainstream.errors import TrainstreamError
+        from trainstream.manager import get_stream_server_manager
+        from trainstream.service import StreamServer
+
+        try:
+            self.server = StreamServer(self.config)
+        except TrainstreamError as e:
+            raise SystemExit(f"trainstream: {e}") from None
+        get_stream_server_manager().adopt(self.server)
+        self.server.setServiceParent(self)
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+
 def makeService(options: Options) -> IService:
     """The server twistd runs, shared with embedded code through the manager."""
     import crochet
 
-    from trainstream.errors import TrainstreamError
-    from trainstream.manager import get_stream_server_manager
-    from trainstream.service import StreamServer
-
     crochet.no_setup()  # twistd owns the reactor: crochet must not start another
-    try:
-        server = StreamServer(options.config)
-    except TrainstreamError as e:
-        raise SystemExit(f"trainstream: {e}") from None
-    get_stream_server_manager().adopt(server)
-    return server
+    return TwistdService(options.config)

@@ -10,9 +10,10 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer, noLongerProvides
 
 from trainstream._version import __version__
 from trainstream.events import EventError, encode_json
@@ -45,14 +46,22 @@ class _Flow:
         self.session = session
 
     def pauseProducing(self) -> None:
-        self.session.paused = True
-        if self.session.subscription is not None:
-            self.session.subscription.pause()
+        session = self.session
+        session.paused = True
+        if session.subscription is not None:
+            session.subscription.pause()
+        # Stop reading too: a client that sends requests (pings, publishes)
+        # without reading the answers must not make us queue them unbounded.
+        transport: Any = session.transport
+        transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.session.paused = False
-        if self.session.subscription is not None:
-            self.session.subscription.resume()
+        session = self.session
+        session.paused = False
+        transport: Any = session.transport
+        transport.resumeProducing()
+        if session.subscription is not None:
+            session.subscription.resume()
 
     def stopProducing(self) -> None:
         pass
@@ -71,6 +80,15 @@ class StreamSession(WebSocketServerProtocol):
     paused = False
     _deadline: IDelayedCall | None = None
 
+    def connectionMade(self) -> None:
+        # Our connection tracker wraps the transport and claims its
+        # interfaces; on TLS Autobahn then asks it for a TLS channel id it
+        # cannot give. The session needs no channel binding: say it is plain.
+        transport = self.transport
+        if ISSLTransport.providedBy(transport) and not isinstance(transport, TLSMemoryBIOProtocol):
+            noLongerProvides(transport, ISSLTransport)
+        super().connectionMade()  # type: ignore[no-untyped-call]
+
     def onOpen(self) -> None:
         self.factory.clients.ws.add(self)
         # The HTTP channel that carried the upgrade is still the transport's
@@ -86,8 +104,10 @@ class StreamSession(WebSocketServerProtocol):
                 raise _ProtocolError("binary frames are not part of the protocol: send JSON text")
             try:
                 message = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
                 raise _ProtocolError(f"message is not valid JSON: {e}") from None
+            except RecursionError:
+                raise _ProtocolError("message is nested too deeply") from None
             if not isinstance(message, dict):
                 raise _ProtocolError('a message must be a JSON object with an "op"')
             self._dispatch(message)
@@ -212,6 +232,7 @@ class StreamFactory(WebSocketServerFactory):
         clock: IReactorTime,
         close_timeout: float,
         buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
+        max_message_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.hub = hub
@@ -220,5 +241,9 @@ class StreamFactory(WebSocketServerFactory):
         self.buffer_bytes = buffer_bytes
         self.shared = SharedFormat()
         self.setProtocolOptions(  # type: ignore[no-untyped-call]
-            closeHandshakeTimeout=close_timeout, openHandshakeTimeout=10
+            closeHandshakeTimeout=close_timeout,
+            openHandshakeTimeout=10,
+            # A publish follows the rules of POST /api/events, body size too.
+            maxFramePayloadSize=max_message_bytes,
+            maxMessagePayloadSize=max_message_bytes,
         )
