@@ -1,0 +1,342 @@
+"""
+Publishing to a trainstream server in another process (``twistd trainstream``
+or another machine): the same Run API as the embedded server.
+
+``log()`` only appends to a bounded queue; a background thread sends
+batches with ``POST /api/events`` over one keep-alive connection, retrying
+with backoff while the server is unreachable. When the queue is full the
+oldest events are dropped and counted, so the training loop never blocks and
+never grows without bound. No reactor is involved: this module imports no
+Twisted, so a training script pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import math
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from trainstream.events import EventError, encode_json, validate_event
+
+Event = dict[str, object]
+
+_SPECIAL = {"NaN", "Infinity", "-Infinity"}
+
+
+def api_base(url: str) -> tuple[str, str, int, str]:
+    """``(scheme, host, port, path prefix)`` of a server URL (base, ``/api`` or ``/events``)."""
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"trainstream URL must be http(s)://host:port, not {url!r}")
+    if parts.hostname is None:
+        raise ValueError(f"trainstream URL {url!r} has no host")
+    prefix = parts.path.rstrip("/")
+    for suffix in ("/api", "/events", "/ws"):
+        if prefix.endswith(suffix):
+            prefix = prefix[: -len(suffix)]
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, prefix
+
+
+class Publisher:
+    """
+    A run published to a remote server. Every method may be called from any
+    thread; none waits for the network except ``flush`` and ``close``.
+
+    :param url: the server, e.g. ``http://127.0.0.1:8890`` (any listener).
+    :param run: the run's name.
+    :param token: the server's bearer token, if it has one.
+    :param max_queue: events kept while the server is unreachable; past it
+        the oldest are dropped (``dropped`` counts them).
+    :param report_every: seconds between the publisher's own metrics
+        (``trainstream/log_us``, ``trainstream/queue_depth``,
+        ``trainstream/dropped``), or 0 for none.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        run: str,
+        token: str | None = None,
+        hparams: Mapping[str, object] | None = None,
+        max_queue: int = 100_000,
+        batch_size: int = 5_000,
+        timeout: float = 10.0,
+        max_backoff: float = 10.0,
+        report_every: float = 10.0,
+        flush_at_exit: float = 5.0,
+    ) -> None:
+        self.scheme, self.host, self.port, self.prefix = api_base(url)
+        self.run = run
+        self.token = token
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.report_every = report_every
+        #: events dropped because the queue was full (server unreachable)
+        self.dropped = 0
+        #: events the server refused (should not happen: log() checks them)
+        self.rejected = 0
+        #: events the server acknowledged (stored)
+        self.sent = 0
+        self.last_error: str | None = None
+        self._queue: deque[Event] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._closing = False
+        self._log_ns = 0
+        self._log_calls = 0
+        self._checked: set[str] = set()
+        self._connection: http.client.HTTPConnection | None = None
+        validate_event({"type": "log", "run": run, "level": "info", "message": ""})
+        self._thread = threading.Thread(
+            target=self._send_loop, name=f"trainstream-publisher-{run}", daemon=True
+        )
+        self._thread.start()
+        if flush_at_exit:
+            atexit.register(self._at_exit, flush_at_exit)
+        self.status("created")
+        if hparams:
+            self.hparams(hparams)
+
+    # The Run API
+
+    def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
+        """Queue one metric event per ``{name: value}``; raises ``EventError`` at once if bad."""
+        started = time.perf_counter_ns()
+        if type(step) is not int or step < 0:
+            raise EventError(
+                f'run {self.run!r}: "step" must be an integer >= 0, got {step!r}', field="step"
+            )
+        t = time.time() if time_s is None else time_s
+        events: list[Event] = []
+        for name, value in metrics.items():
+            if name not in self._checked:
+                validate_event(
+                    {"type": "metric", "run": self.run, "name": name, "step": step, "value": 0}
+                )
+                self._checked.add(name)
+            if type(value) is not float and type(value) is not int:
+                value = _number(self.run, name, value)
+            elif type(value) is float and not math.isfinite(value):
+                value = "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+            events.append(
+                {
+                    "type": "metric",
+                    "run": self.run,
+                    "time": t,
+                    "name": name,
+                    "step": step,
+                    "value": value,
+                }
+            )
+        self._put(events)
+        self._log_ns += time.perf_counter_ns() - started
+        self._log_calls += 1
+
+    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
+        event: Event = {"type": "status", "run": self.run, "state": state}
+        if epoch is not None:
+            event["epoch"] = epoch
+        if message is not None:
+            event["message"] = message
+        self._put([self._checked_event(event)])
+
+    def text(self, message: str, level: str = "info") -> None:
+        self._put(
+            [
+                self._checked_event(
+                    {"type": "log", "run": self.run, "level": level, "message": message}
+                )
+            ]
+        )
+
+    def hparams(self, params: Mapping[str, object]) -> None:
+        self._put(
+            [self._checked_event({"type": "hparams", "run": self.run, "params": dict(params)})]
+        )
+
+    def finish(self) -> None:
+        self.status("finished")
+
+    def fail(self, message: str) -> None:
+        self.status("failed", message=message)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is stored; ``False`` on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake:
+            self._wake.notify_all()
+            while self._queue or self._in_flight:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._wake.wait(remaining if remaining is not None else 1.0)
+        return True
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Flush (bounded) and stop the sending thread."""
+        flushed = self.flush(timeout)
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        self._thread.join(timeout)
+        return flushed
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # Inside
+
+    def _checked_event(self, event: Event) -> Event:
+        return validate_event(event)  # raises EventError here, in the caller; sets "time"
+
+    def _put(self, events: list[Event]) -> None:
+        queue = self._queue
+        with self._lock:
+            overflow = len(queue) + len(events) - self.max_queue
+            if overflow > 0:
+                for _ in range(min(overflow, len(queue))):
+                    queue.popleft()
+                self.dropped += overflow
+                events = events[-self.max_queue :]
+            queue.extend(events)
+            if len(queue) == len(events):  # was empty: the sender may be asleep
+                self._wake.notify()
+
+    def _send_loop(self) -> None:
+        backoff = 0.25
+        last_report = time.monotonic()
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait(self.report_every or None)
+                    if self.report_every and time.monotonic() - last_report >= self.report_every:
+                        break
+                if self._closing and not self._queue:
+                    return
+                batch = [
+                    self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))
+                ]
+                self._in_flight = len(batch)
+            if self.report_every and time.monotonic() - last_report >= self.report_every:
+                last_report = time.monotonic()
+                batch.extend(self._own_metrics())
+            ok = self._send(batch)
+            with self._wake:
+                if not ok:  # keep them, oldest first, within the bound
+                    room = self.max_queue - len(self._queue)
+                    keep = batch[-room:] if room > 0 else []
+                    self.dropped += len(batch) - len(keep)
+                    self._queue.extendleft(reversed(keep))
+                self._in_flight = 0
+                self._wake.notify_all()
+                if not ok and not self._closing:
+                    self._wake.wait(backoff)
+            backoff = 0.25 if ok else min(self.max_backoff, backoff * 2)
+            if not ok and self._closing:
+                return
+
+    def _own_metrics(self) -> list[Event]:
+        calls, ns = self._log_calls, self._log_ns
+        self._log_calls = self._log_ns = 0
+        step = int(time.time())
+        values = {
+            "trainstream/log_us": ns / calls / 1000 if calls else 0.0,
+            "trainstream/queue_depth": len(self._queue),
+            "trainstream/dropped": self.dropped,
+        }
+        return [
+            {
+                "type": "metric",
+                "run": self.run,
+                "time": time.time(),
+                "name": name,
+                "step": step,
+                "value": value,
+            }
+            for name, value in values.items()
+        ]
+
+    def _send(self, batch: list[Event]) -> bool:
+        """POST one batch; ``True`` once stored or refused for good."""
+        body = encode_json(batch).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            connection = self._connect()
+            connection.request("POST", self.prefix + "/api/events", body, headers)
+            response = connection.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.last_error = f"{self.host}:{self.port} unreachable: {e}"
+            self._drop_connection()
+            return False
+        if response.status == 200:
+            self.sent += len(batch)
+            self.last_error = None
+            return True
+        message = _error_text(answer)
+        self.last_error = f"server answered {response.status}: {message}"
+        if response.status in (400, 413):
+            self.rejected += len(batch)  # will never be accepted: do not retry
+            return True
+        self._drop_connection()
+        return False  # 401 (token), 5xx: retry later
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._connection is None:
+            cls = (
+                http.client.HTTPSConnection
+                if self.scheme == "https"
+                else http.client.HTTPConnection
+            )
+            self._connection = cls(self.host, self.port, timeout=self.timeout)
+        return self._connection
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _at_exit(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self.close(timeout)
+
+
+def _number(run: str, name: str, value: object) -> object:
+    if isinstance(value, str) and value in _SPECIAL:
+        return value
+    if not isinstance(value, bool):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+        else:
+            if math.isfinite(number):
+                return number
+            return "NaN" if number != number else ("Infinity" if number > 0 else "-Infinity")
+    raise EventError(
+        f'run {run!r}, metric {name!r}: "value" must be a number, got {value!r}', field="value"
+    )
+
+
+def _error_text(answer: bytes) -> str:
+    try:
+        return str(json.loads(answer).get("error", answer[:200]))
+    except (ValueError, AttributeError):
+        return answer[:200].decode("utf-8", "replace")
+
+
+__all__ = ["Publisher", "api_base"]
