@@ -57,21 +57,23 @@ class TokenTests(ServerTestCase):
     def test_health_is_open_everything_else_needs_the_token(self) -> Deferred[None]:
         async def go() -> None:
             rest = port_of(self.server.urls["rest"])
-            health = await raw(rest, "GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            health = await raw(rest, "GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             self.assertEqual(status(health), 200)
             for request in (
-                "GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n",
-                f"GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}x\r\n\r\n",
-                "GET /api/events?token=nope HTTP/1.1\r\nHost: x\r\n\r\n",
-                "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {TOKEN}x\r\n\r\n",
+                "GET /api/events?token=nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
             ):
                 refused = await raw(rest, request)
                 self.assertEqual(status(refused), 401, request)
                 self.assertIn(b"missing or wrong token", refused.raw)
                 self.assertIn(b"WWW-Authenticate: Bearer", refused.raw)
             for request in (
-                f"GET /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n",
-                f"GET /api/events?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n",
+                "GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {TOKEN}\r\n\r\n",
+                f"GET /api/events?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
             ):
                 self.assertEqual(status(await raw(rest, request)), 200, request)
 
@@ -82,7 +84,7 @@ class TokenTests(ServerTestCase):
             urls = self.server.urls
             refused = await raw(
                 port_of(urls["sse"]),
-                "GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+                "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
             )
             self.assertEqual(status(refused), 401)
             sse = await connect_sse(urls["sse"] + f"?token={TOKEN}")
@@ -130,5 +132,26 @@ class BodyLimitTests(ServerTestCase):
             self.assertEqual(code, 413)
             self.assertIn("8388608", answer["error"])
             self.assertEqual(self.server.hub.last_id, 0)
+
+        return d(go())
+
+
+class RebindingTests(ServerTestCase):
+    def test_foreign_host_refused_on_loopback(self) -> Deferred[None]:
+        """Bound to loopback, a request naming another host (DNS rebinding) is refused."""
+
+        async def go() -> None:
+            rest = port_of(self.server.urls["rest"])
+            for host, code in (
+                ("evil.example", 403),
+                (f"evil.example:{rest}", 403),
+                ("localhost", 200),
+                (f"127.0.0.1:{rest}", 200),
+                ("[::1]", 200),
+            ):
+                answer = await raw(rest, f"GET /api/health HTTP/1.1\r\nHost: {host}\r\n\r\n")
+                self.assertEqual(status(answer), code, host)
+            refused = await raw(rest, "GET /api/events HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+            self.assertIn(b"loopback only", refused.raw)
 
         return d(go())

@@ -1132,3 +1132,32 @@ class EventErrorTests(SynchronousTestCase):
         self.assertEqual(EventError("body").to_json(), {"error": "body"})
         self.assertEqual(str(BodyTooLarge("big")), "big")
         self.assertTrue(issubclass(BodyTooLarge, EventError))
+
+
+class FastMetricEncodingTests(SynchronousTestCase):
+    """The direct metric writer gives exactly the encoder's text."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        run=st.text(min_size=1, max_size=20),
+        name=st.text(min_size=1, max_size=20),
+        step=st.integers(0, 2**63 - 1),
+        value=st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats()),
+        time_=st.floats(min_value=0, allow_infinity=False, allow_nan=False),
+    )
+    def test_same_text_as_the_encoder(
+        self, run: str, name: str, step: int, value: float, time_: float
+    ) -> None:
+        from trainstream.events import encode_event, encode_json
+
+        event = {
+            "id": 7,
+            "type": "metric",
+            "run": run,
+            "time": time_,
+            "name": name,
+            "step": step,
+            "value": value,
+        }
+        self.assertEqual(encode_event(event), encode_json(event))
+        self.assertEqual(json.loads(encode_event(event))["run"], run)

@@ -117,7 +117,7 @@ class ReleaseFreesPortsTests(TestCase):
             await self.manager.acquire(config_on(ports))
             for _ in range(5):
                 client = RawHTTP(
-                    b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
                 )
                 await TCP4ClientEndpoint(reactor, "127.0.0.1", ports[2]).connect(
                     Factory.forProtocol(lambda c=client: c)  # type: ignore[misc]
@@ -149,7 +149,7 @@ class ReleaseFreesPortsTests(TestCase):
             await self.manager.acquire(config_on(ports))
             for _ in range(5):
                 client = RawHTTP(
-                    b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
                 )
                 await TCP4ClientEndpoint(reactor, "127.0.0.1", ports[2]).connect(
                     Factory.forProtocol(lambda c=client: c)  # type: ignore[misc]

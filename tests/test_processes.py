@@ -221,7 +221,7 @@ EMBEDDED = textwrap.dedent(
     ports = [port_of(server.urls[k]) for k in ("sse", "ws", "rest")]
 
     sse = socket.create_connection(("127.0.0.1", ports[0]), timeout=10)
-    sse.sendall(b"GET /events?type=metric HTTP/1.1\\r\\nHost: x\\r\\n"
+    sse.sendall(b"GET /events?type=metric HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n"
                 b"Accept: text/event-stream\\r\\n\\r\\n")
     data = b""
     while b"retry:" not in data:

@@ -50,7 +50,7 @@ class CountingSSE(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.write(
-            b"GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
         )
 
     def dataReceived(self, data: bytes) -> None:
@@ -195,7 +195,7 @@ class SlowClientTests(TestCase):
         urls = self.server.urls
         sse = stalled_socket(
             port_of(urls["sse"]),
-            b"GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+            b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
         )
         ws = stalled_socket(port_of(urls["ws"]), ws_upgrade("/ws"))
         ws.settimeout(10)

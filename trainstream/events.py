@@ -181,10 +181,32 @@ def encode_json(obj: object) -> str:
         return _encoder.encode(_replace_non_finite(obj, set()))
 
 
+_METRIC_KEYS = ("id", "type", "run", "time", "name", "step", "value")
+_string = json.encoder.encode_basestring  # C; escapes what JSON needs, keeps non-ASCII
+
+
 def encode_event(event: Mapping[str, object]) -> str:
     """
     Encode one event as compact JSON text; see :func:`encode_json`.
+
+    A metric event with exactly the usual fields in the usual order (what
+    validation and ``Run.log`` produce) is written directly: it is most of
+    the traffic, and this is several times faster than the encoder, with the
+    same text (floats by ``repr``, as ``json`` writes them).
     """
+    if type(event) is dict and event.get("type") == "metric" and tuple(event) == _METRIC_KEYS:
+        time_, step, value = event["time"], event["step"], event["value"]
+        if (
+            type(time_) is float
+            and math.isfinite(time_)
+            and type(step) is int
+            and (type(value) is int or (type(value) is float and math.isfinite(value)))
+        ):
+            return (
+                f'{{"id":{event["id"]},"type":"metric","run":{_string(event["run"])},'
+                f'"time":{time_!r},"name":{_string(event["name"])},"step":{step},'
+                f'"value":{value!r}}}'
+            )
     return encode_json(event if isinstance(event, dict) else dict(event))
 
 

@@ -216,6 +216,14 @@ class Listener:
         return f"{scheme}{s}+unix://{path.replace('/', '%2F')}"
 
     @property
+    def loopback(self) -> bool:
+        """Bound to a loopback address (where a Host check stops DNS rebinding)."""
+        from trainstream.web.access import is_loopback_host
+
+        host = getattr(self.port.getHost(), "host", None)
+        return isinstance(host, str) and is_loopback_host(host)
+
+    @property
     def port_number(self) -> int | None:
         return getattr(self.port.getHost(), "port", None)
 

@@ -99,38 +99,43 @@ def _row(r: Record) -> tuple[Any, ...]:
     return (r.id, r.type, r.run, r.name, e.get("step"), value, e["time"], r.json, segment)
 
 
+def _add_rows(
+    records: Sequence[Record], rows: list[tuple[Any, ...]], series: dict[tuple[str, str], list[Any]]
+) -> None:
+    """One pass over a batch: its rows, and its series summaries (writer thread)."""
+    append = rows.append
+    for r in records:
+        if r.type != "metric":
+            append(_row(r))
+            continue
+        e = r.event
+        value, step, t = e["value"], e["step"], e["time"]
+        stored = value if value == value else None  # SQLite has no NaN
+        append((r.id, "metric", r.run, r.name, step, stored, t, r.json, r.segment))
+        key = (r.run, r.name or "")
+        summary = series.get(key)
+        finite = stored if stored is not None and -math.inf < stored < math.inf else None  # type: ignore[operator]
+        if summary is None:
+            series[key] = [r.segment, step, 1, finite, finite, stored, t, r.id]
+            continue
+        summary[0] = r.segment
+        summary[1] = step
+        summary[2] += 1
+        if finite is not None:
+            if summary[3] is None or finite < summary[3]:
+                summary[3] = finite
+            if summary[4] is None or finite > summary[4]:
+                summary[4] = finite
+        summary[5] = stored
+        summary[6] = t
+        summary[7] = r.id
+
+
 def _points(
     rows: Sequence[tuple[Any, ...]],
 ) -> list[tuple[str, str, int, int, float | None, float]]:
     """The metric rows of a batch as rollup points: (run, name, segment, step, value, time)."""
     return [(r[2], r[3], r[8], r[4], r[5], r[6]) for r in rows if r[1] == "metric"]
-
-
-def _summarize(series: dict[tuple[str, str], list[Any]], r: Record) -> None:
-    """Fold a metric into its series' batch summary (upserted per batch)."""
-    e = r.event
-    value = e["value"]
-    assert isinstance(value, int | float) and r.name is not None
-    finite = value if math.isfinite(value) else None
-    last_value = None if value != value else value
-    row = series.get((r.run, r.name))
-    if row is None:
-        series[(r.run, r.name)] = [
-            r.segment,
-            e["step"],
-            1,
-            finite,
-            finite,
-            last_value,
-            e["time"],
-            r.id,
-        ]
-        return
-    row[0], row[1], row[2] = r.segment, e["step"], row[2] + 1
-    if finite is not None:
-        row[3] = finite if row[3] is None else min(row[3], finite)
-        row[4] = finite if row[4] is None else max(row[4], finite)
-    row[5], row[6], row[7] = last_value, e["time"], r.id
 
 
 def _record(row: tuple[int, str, str, str | None, str]) -> Record:
@@ -521,10 +526,7 @@ class SQLiteStore:
                         db.execute("DELETE FROM series WHERE run = ?", (item[1],))
                         rollup.delete_run(db, item[1])
                     else:
-                        for r in item:
-                            rows.append(_row(r))
-                            if r.type == "metric" and r.name is not None:
-                                _summarize(series, r)
+                        _add_rows(item, rows, series)
                         last = item[-1].id
                 if rows:
                     db.executemany(insert, rows)

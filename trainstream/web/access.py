@@ -5,6 +5,8 @@ Who may use the site: the bearer token (PROTOCOL 6) and WebSocket origins.
 from __future__ import annotations
 
 import hmac
+import io
+import ipaddress
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -14,6 +16,47 @@ from twisted.web.server import Request
 from trainstream.events import encode_json
 
 _OPEN_PATHS = {b"/api/health"}
+_LOOPBACK_NAMES = {"localhost", "::1"}
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LimitedRequest(Request):
+    """
+    A request that keeps at most ``max_body`` bytes of body: twisted.web
+    would otherwise spool any body to a temp file before a resource (or the
+    token check) sees the request. Past the limit the rest is read and
+    dropped, and the request is answered 413.
+    """
+
+    max_body = 8 * 1024 * 1024
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.too_large = True
+            self.content = io.BytesIO()
+            return
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self.too_large = True
+            self.content = io.BytesIO()
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
 
 
 class ErrorPage(Resource):
@@ -48,13 +91,31 @@ class Access:
         token: str | None,
         allow_origin: Iterable[str],
         own_ports: Callable[[], set[int]],
+        loopback_only: Callable[[], bool] = lambda: False,
     ) -> None:
         self.token = token.encode() if token is not None else None
         self.allow_origin = {o.rstrip("/").lower() for o in allow_origin}
+        self.allow_hosts = {urlsplit(o).hostname for o in self.allow_origin} - {None}
         self.own_ports = own_ports
+        self.loopback_only = loopback_only
 
     def refuse(self, request: Request) -> IResource | None:
         """An error page if the request may not go on, else ``None``."""
+        if getattr(request, "too_large", False):
+            return ErrorPage(
+                413,
+                f"request body over {LimitedRequest.max_body} bytes: send fewer events per request",
+            )
+        if self.loopback_only():
+            # Bound to loopback only: a Host that is not a loopback name is a
+            # page from elsewhere reaching us through DNS rebinding.
+            host = urlsplit("//" + (request.getHeader(b"host") or b"").decode("latin-1")).hostname
+            if host and not is_loopback_host(host) and host not in self.allow_hosts:
+                return ErrorPage(
+                    403,
+                    f"Host {host!r} refused: this server listens on loopback only; "
+                    "name it with --allow-origin (e.g. behind a proxy) to allow it",
+                )
         if self.token is not None and request.path not in _OPEN_PATHS:
             if not hmac.compare_digest(self._given_token(request), self.token):
                 return ErrorPage(

@@ -3,6 +3,7 @@ The one resource tree that every listener serves.
 
     /            dashboard (and, for seed clients, SSE or WebSocket at the root
                  of the listener whose role is SSE or WebSocket)
+    /static/...  the dashboard's files (uPlot's from the uplot-python wheel)
     /api/...     REST (Klein)
     /events      SSE
     /ws          WebSocket
@@ -10,16 +11,15 @@ The one resource tree that every listener serves.
 
 from __future__ import annotations
 
-from html import escape
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
-from trainstream._version import __version__
 from trainstream.metrics import MetricsResource
-from trainstream.web.access import Access
+from trainstream.web.access import Access, LimitedRequest
+from trainstream.web.dashboard import DashboardPage, StaticFiles
 from trainstream.web.rest import RestApi
 from trainstream.web.sse import SSEResource
 from trainstream.web.ws import StreamFactory
@@ -32,28 +32,6 @@ def listener_role(request: Request) -> str | None:
     """The role of the listener a request arrived on (see ``service.TrackingFactory``)."""
     transport = request.channel.transport if request.channel is not None else None
     return getattr(getattr(transport, "factory", None), "role", None)
-
-
-class IndexPage(Resource):
-    """A plain page linking the endpoints (the dashboard replaces it)."""
-
-    isLeaf = True
-
-    def __init__(self, server: StreamServer) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.stream_server = server
-
-    def render_GET(self, request: Request) -> bytes:
-        rows = "".join(
-            f'<li>{escape(role)}: <a href="{escape(url)}">{escape(url)}</a></li>'
-            for role, url in self.stream_server.urls.items()
-        )
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return (
-            "<!doctype html><html><head><meta charset='utf-8'><title>trainstream</title></head>"
-            f"<body><h1>trainstream {escape(__version__)}</h1><ul>{rows}"
-            '<li>health: <a href="/api/health">/api/health</a></li></ul></body></html>'
-        ).encode()
 
 
 class Root(Resource):
@@ -117,18 +95,20 @@ def build_site(server: StreamServer) -> Site:
             server.hub, server.clients, server.reactor, config.close_timeout, config.client_buffer
         )
     )
-    index = IndexPage(server)
-    root = Root(index, sse, ws)
+    root = Root(DashboardPage(), sse, ws)
     root.putChild(b"api", RestApi(server).app.resource())
     root.putChild(b"metrics", MetricsResource(server))
     root.putChild(b"events", sse)
     root.putChild(b"ws", ws)
+    root.putChild(b"static", StaticFiles())
     site = TrackingSite(root, reactor=server.reactor)  # type: ignore[no-untyped-call]
     site.access = Access(
         server.token,
         config.allow_origin,
         lambda: {p for p in (listener.port_number for listener in server.listeners) if p},
+        lambda: bool(server.listeners) and all(li.loopback for li in server.listeners),
     )
+    site.requestFactory = LimitedRequest
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -1,0 +1,170 @@
+"""
+``python -m trainstream watch URL`` and ``python -m trainstream tail URL``:
+terminal clients of a running server (see ``trainstream.watch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from trainstream._version import __version__
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    """Repeatable options that also take comma-separated lists."""
+    return [part.strip() for v in values or () for part in v.split(",") if part.strip()]
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainstream",
+        description="Terminal clients of a trainstream server.",
+    )
+    parser.add_argument("--version", action="version", version=f"trainstream {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "url",
+            metavar="URL",
+            help="the server: its base (http://127.0.0.1:8890; any listener serves "
+            "everything) or its SSE URL (http://127.0.0.1:8888/events)",
+        )
+        sub.add_argument(
+            "--run",
+            action="append",
+            metavar="GLOB",
+            help="only these runs (repeatable, * globs)",
+        )
+        sub.add_argument(
+            "--name",
+            action="append",
+            metavar="GLOB",
+            help="only these metric names (repeatable, * globs)",
+        )
+        sub.add_argument(
+            "--token",
+            default=os.environ.get("TRAINSTREAM_TOKEN") or None,
+            help="bearer token (default: $TRAINSTREAM_TOKEN)",
+        )
+
+    watch = commands.add_parser(
+        "watch",
+        help="a live table of runs, their latest values and sparklines",
+        description="A live table of runs: state, age of the last event, last step, and "
+        "the latest value and a sparkline of the most common metrics. Reconnects and "
+        "resumes by itself. Ctrl-C quits.",
+    )
+    common(watch)
+    watch.add_argument(
+        "--columns", type=_non_negative, default=4, help="metric columns (default 4)"
+    )
+    watch.add_argument(
+        "--frames",
+        type=_positive,
+        metavar="N",
+        help="exit after N frames once the runs are loaded (--frames 1: print one snapshot)",
+    )
+    watch.add_argument(
+        "--refresh", type=float, default=4.0, metavar="HZ", help="frames a second (default 4)"
+    )
+
+    tail = commands.add_parser(
+        "tail",
+        help="print events as JSON lines (for scripts and jq)",
+        description="Print each event as one compact JSON line on stdout, live, resuming "
+        "after disconnects without gap or duplicate. A reset (history no longer "
+        'holds what came after the last id) is printed as {"type": "reset", "reason", '
+        '"oldest_id"}; events have an "id", resets do not. Reconnect news goes to stderr.',
+    )
+    common(tail)
+    tail.add_argument(
+        "--type",
+        action="append",
+        metavar="TYPE",
+        help="only these event types (repeatable or comma-separated: metric,status,...)",
+    )
+    tail.add_argument(
+        "--after",
+        type=_non_negative,
+        metavar="ID",
+        help="first print the stored events after this id (--after 0: the whole history)",
+    )
+    tail.add_argument("--limit", type=_positive, metavar="N", help="exit after printing N events")
+    tail.add_argument(
+        "--once",
+        action="store_true",
+        help="print the stored events (after --after, default 0) up to now, then exit",
+    )
+    tail.add_argument("-q", "--quiet", action="store_true", help="no reconnect news on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainstream.watch import (
+        TailOptions,
+        WatchError,
+        WatchOptions,
+        quiet_broken_pipe,
+        run_tail,
+        run_watch,
+    )
+
+    try:
+        if args.command == "tail":
+            return run_tail(
+                TailOptions(
+                    url=args.url,
+                    runs=_split(args.run),
+                    names=_split(args.name),
+                    types=_split(args.type),
+                    token=args.token,
+                    after=args.after,
+                    limit=args.limit,
+                    once=args.once,
+                    quiet=args.quiet,
+                ),
+                sys.stdout,
+                sys.stderr,
+            )
+        return run_watch(
+            WatchOptions(
+                url=args.url,
+                runs=_split(args.run),
+                names=_split(args.name),
+                token=args.token,
+                columns=args.columns,
+                frames=args.frames,
+                refresh_hz=args.refresh,
+            )
+        )
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        return 0
+    except WatchError as e:
+        print(f"trainstream {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1075 @@
+/*
+ * trainstream dashboard: history from the REST API, live points from SSE,
+ * charts by uPlot. Plain JavaScript, no build step, no dependency but uPlot.
+ *
+ * How the history and the live stream join without gap or duplicate:
+ *   1. GET api/health gives last_id = C (the cutoff) before anything else.
+ *   2. EventSource on events?last_event_id=C: the server sends every event
+ *      with id > C; they are buffered while the history loads.
+ *   3. The history of every series (max_points ~ 2x a chart's width) covers
+ *      at least every point up to C. It may also hold points published after
+ *      C (it is read later): the buffered event of such a point is skipped,
+ *      since its step is not past the last step of the loaded history
+ *      (`boundary`), unless the steps went back (a checkpoint rewind: a new
+ *      segment, never in that history).
+ *   4. The buffered events are applied in id order, then live ones, once per
+ *      animation frame (setData at most once per frame per chart, within a
+ *      time budget, and only for charts on screen).
+ * Rewinds: a series whose step goes back drops its points at and after that
+ * step. The server's `status` with `rewind_to` comes after the batch that
+ * went back; it drops the stale tail of the run's other series.
+ * Coalesced events (a slow page): the folded points are fetched over REST.
+ * Reconnects: EventSource sends Last-Event-ID itself; when this page opens a
+ * new EventSource (after the browser gave up, or on `event: overflow`) it
+ * passes ?last_event_id= with the last id it has. Events are kept only when
+ * their id is above the last one seen, so a replay never duplicates a point.
+ * `event: reset` or a changed health `epoch` (another history) reloads all.
+ */
+(() => {
+  "use strict";
+
+  const PALETTE = [
+    "#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1",
+    "#76b7b2", "#edc948", "#ff9da7", "#9c755f", "#8cd17d",
+  ];
+  const EVENT_TYPES = ["metric", "status", "log", "hparams", "alert"];
+  const PANEL_EVENTS = 500;          // status/log/alert entries kept in the panel
+  const FRAME_BUDGET_MS = 8;         // chart redraw time per animation frame
+  const HISTORY_CONCURRENCY = 6;     // parallel history requests
+  const RECENT_EVENTS_WINDOW = 20000; // ids before the cutoff searched for panel events
+  const CHART_HEIGHT = 220;
+
+  const token = new URLSearchParams(location.search).get("token");
+  const $ = (id) => document.getElementById(id);
+
+  // ---------------------------------------------------------------- REST
+
+  class HttpError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  function urlFor(path, query, withToken) {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(query || {})) {
+      if (v !== null && v !== undefined) q.set(k, String(v));
+    }
+    if (withToken && token) q.set("token", token);
+    const s = q.toString();
+    return s ? `${path}?${s}` : path;
+  }
+
+  async function api(path, query) {
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(urlFor(path, query, false), { headers, cache: "no-store" });
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (e) {
+      body = null;
+    }
+    if (!response.ok) {
+      const message = body && body.error ? body.error : response.statusText;
+      throw new HttpError(response.status, `${response.status} ${message}`);
+    }
+    return body;
+  }
+
+  // A run is one path segment (its '/' sent as %2F); a metric name's
+  // segments go as they are (docs/protocol.md, "Names with / in REST paths").
+  const runPath = (run) => `api/runs/${encodeURIComponent(run)}`;
+  const metricPath = (run, name) =>
+    `${runPath(run)}/metrics/${name.split("/").map(encodeURIComponent).join("/")}`;
+
+  function toNumber(v) {
+    if (typeof v === "number") return Number.isFinite(v) ? v : null;
+    return null; // "NaN", "Infinity", "-Infinity": a gap in the line
+  }
+
+  // -------------------------------------------------------------- series
+
+  /** One (run, metric) series: parallel arrays sorted by step. */
+  class Series {
+    constructor(run, name) {
+      this.run = run;
+      this.name = name;
+      this.steps = [];
+      this.values = [];
+      this.times = [];
+      this.timesSorted = true;
+      this.boundary = null; // last step of the loaded history, until passed
+      this.seenStep = null; // step of the last live event, applied or not
+      this.wentBackId = 0;  // id of the last live event whose step went back
+      this.changes = 0;     // bumped on anything but an append
+      this.resetSmoothing();
+    }
+
+    resetSmoothing() {
+      this.sm = null;
+    }
+
+    setHistory(points) {
+      this.steps = points.map((p) => p[0]);
+      this.values = points.map((p) => toNumber(p[1]));
+      this.times = points.map((p) => p[2]);
+      this.timesSorted = this.times.every((t, i) => i === 0 || t >= this.times[i - 1]);
+      this.boundary = this.steps.length ? this.steps[this.steps.length - 1] : null;
+      this.seenStep = this.boundary;
+      this.changes++;
+      this.resetSmoothing();
+    }
+
+    lastStep() {
+      return this.steps.length ? this.steps[this.steps.length - 1] : null;
+    }
+
+    append(step, value, time) {
+      const n = this.steps.length;
+      if (n && step <= this.steps[n - 1]) {
+        if (step === this.steps[n - 1]) {
+          // The same step again: the newer value wins.
+          this.values[n - 1] = value;
+          this.times[n - 1] = time;
+          this.changes++;
+          this.resetSmoothing();
+          return;
+        }
+        this.truncate(step); // a series that goes back drops its stale tail
+      }
+      const m = this.times.length;
+      if (m && time < this.times[m - 1]) this.timesSorted = false;
+      this.steps.push(step);
+      this.values.push(value);
+      this.times.push(time);
+    }
+
+    /** Drop the points with step >= `step`. */
+    truncate(step) {
+      const i = lowerBound(this.steps, step);
+      if (i === this.steps.length) return;
+      this.steps.length = i;
+      this.values.length = i;
+      this.times.length = i;
+      this.changes++;
+      this.resetSmoothing();
+    }
+
+    /** Put `points` (sorted by step, all within [from, to]) in place of that range. */
+    fill(from, to, points) {
+      const lo = lowerBound(this.steps, from);
+      const hi = lowerBound(this.steps, to + 1);
+      this.steps.splice(lo, hi - lo, ...points.map((p) => p[0]));
+      this.values.splice(lo, hi - lo, ...points.map((p) => toNumber(p[1])));
+      this.times.splice(lo, hi - lo, ...points.map((p) => p[2]));
+      this.timesSorted = this.times.every((t, i) => i === 0 || t >= this.times[i - 1]);
+      this.changes++;
+      this.resetSmoothing();
+    }
+
+    /** Keep about `target` points: each bucket's min and max, and the last point. */
+    compact(target) {
+      const n = this.steps.length;
+      const size = Math.ceil(n / Math.max(1, Math.floor(target / 2)));
+      const keep = [];
+      for (let start = 0; start < n; start += size) {
+        const end = Math.min(n, start + size);
+        let lo = start;
+        let hi = start;
+        for (let i = start; i < end; i++) {
+          const v = this.values[i];
+          if (v === null) continue;
+          if (this.values[lo] === null || v < this.values[lo]) lo = i;
+          if (this.values[hi] === null || v > this.values[hi]) hi = i;
+        }
+        keep.push(Math.min(lo, hi));
+        if (hi !== lo) keep.push(Math.max(lo, hi));
+      }
+      if (keep[keep.length - 1] !== n - 1) keep.push(n - 1);
+      this.steps = keep.map((i) => this.steps[i]);
+      this.values = keep.map((i) => this.values[i]);
+      this.times = keep.map((i) => this.times[i]);
+      this.changes++;
+      this.resetSmoothing();
+    }
+
+    /**
+     * The EMA of the values, debiased like TensorBoard's: extended in place
+     * while points are only appended, recomputed after any other change.
+     */
+    smoothed(weight) {
+      if (this.sm === null || this.smWeight !== weight || this.smChanges !== this.changes) {
+        this.sm = [];
+        this.smWeight = weight;
+        this.smChanges = this.changes;
+        this.emaLast = 0;
+        this.emaCount = 0;
+      }
+      const values = this.values;
+      for (let i = this.sm.length; i < values.length; i++) {
+        const v = values[i];
+        if (v === null) {
+          this.sm.push(null);
+          continue;
+        }
+        this.emaLast = this.emaLast * weight + (1 - weight) * v;
+        this.emaCount++;
+        const debias = weight === 1 ? 1 : 1 - Math.pow(weight, this.emaCount);
+        this.sm.push(this.emaLast / debias);
+      }
+      return this.sm;
+    }
+
+    /** x values (steps or times) in ascending order, with the matching value arrays. */
+    columns(xAxis, cols) {
+      if (xAxis === "step" || this.timesSorted) {
+        return { xs: xAxis === "step" ? this.steps : this.times, cols };
+      }
+      const order = this.times.map((_, i) => i).sort((a, b) => this.times[a] - this.times[b]);
+      return { xs: order.map((i) => this.times[i]), cols: cols.map((c) => order.map((i) => c[i])) };
+    }
+  }
+
+  function lowerBound(sorted, value) {
+    let lo = 0;
+    let hi = sorted.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (sorted[mid] < value) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  /**
+   * uPlot wants one x array shared by every series: merge the sorted x
+   * arrays of several runs, null where a run has no point (spanGaps joins them).
+   */
+  function join(parts) {
+    if (parts.length === 1) return [parts[0].xs, ...parts[0].cols];
+    const k = parts.length;
+    const at = new Array(k).fill(0);
+    const xs = [];
+    const out = parts.map((p) => p.cols.map(() => []));
+    for (;;) {
+      let min = Infinity;
+      for (let j = 0; j < k; j++) {
+        const p = parts[j];
+        if (at[j] < p.xs.length && p.xs[at[j]] < min) min = p.xs[at[j]];
+      }
+      if (min === Infinity) break;
+      xs.push(min);
+      for (let j = 0; j < k; j++) {
+        const p = parts[j];
+        const hit = at[j] < p.xs.length && p.xs[at[j]] === min;
+        for (let c = 0; c < p.cols.length; c++) out[j][c].push(hit ? p.cols[c][at[j]] : null);
+        if (hit) at[j]++;
+      }
+    }
+    return [xs, ...out.flat()];
+  }
+
+  // --------------------------------------------------------------- state
+
+  const settings = loadSettings();
+  const state = {
+    generation: 0,
+    epoch: null,
+    cutoff: 0,
+    lastId: 0,           // highest event id received
+    loading: true,
+    connection: "connecting",
+    source: null,
+    reopenTimer: null,
+    reopenDelay: 1000,
+    hadError: false,
+    runs: new Map(),     // run name -> run record
+    series: new Map(),   // run + "\n" + metric -> Series
+    charts: new Map(),   // metric name -> Chart
+    pending: [],         // received events not yet applied
+    panel: [],           // status/log/alert events, oldest first
+    selected: null,
+    maxPoints: 1000,
+    runsDirty: true,
+    rr: 0,               // round-robin start for chart redraws
+  };
+
+  function loadSettings() {
+    const saved = {};
+    try {
+      Object.assign(saved, JSON.parse(localStorage.getItem("trainstream.settings") || "{}"));
+    } catch (e) {
+      /* a fresh profile or storage off */
+    }
+    const dark = window.matchMedia && matchMedia("(prefers-color-scheme: dark)").matches;
+    return {
+      smoothing: typeof saved.smoothing === "number" ? saved.smoothing : 0.6,
+      log: saved.log === true,
+      xAxis: saved.xAxis === "time" ? "time" : "step",
+      theme: saved.theme === "dark" || saved.theme === "light" ? saved.theme : dark ? "dark" : "light",
+      filter: "",
+    };
+  }
+
+  function saveSettings() {
+    try {
+      const { smoothing, log, xAxis, theme } = settings;
+      localStorage.setItem("trainstream.settings", JSON.stringify({ smoothing, log, xAxis, theme }));
+    } catch (e) {
+      /* storage off: settings last for this page only */
+    }
+  }
+
+  const seriesKey = (run, name) => `${run}\n${name}`;
+
+  function ensureRun(name, info) {
+    let run = state.runs.get(name);
+    if (!run) {
+      run = {
+        name,
+        state: "created",
+        updated: null,
+        hparams: {},
+        metrics: new Set(),
+        color: PALETTE[state.runs.size % PALETTE.length],
+        visible: true,
+        rewindId: 0,
+        el: null,
+      };
+      state.runs.set(name, run);
+      state.runsDirty = true;
+    }
+    if (info) {
+      run.state = info.state || run.state;
+      run.updated = info.updated || run.updated;
+    }
+    return run;
+  }
+
+  function ensureSeries(run, name) {
+    const key = seriesKey(run.name, name);
+    let s = state.series.get(key);
+    if (!s) {
+      s = new Series(run.name, name);
+      state.series.set(key, s);
+      run.metrics.add(name);
+      ensureChart(name).dirty = true;
+    }
+    return s;
+  }
+
+  function touch(run, time) {
+    if (typeof time === "number" && (run.updated === null || time > run.updated)) run.updated = time;
+    state.runsDirty = true;
+  }
+
+  // -------------------------------------------------------------- events
+
+  function applyEvent(ev) {
+    const run = ensureRun(ev.run);
+    touch(run, ev.time);
+    switch (ev.type) {
+      case "metric": {
+        if (run.state === "created" || run.state === "stalled") run.state = "running";
+        const s = ensureSeries(run, ev.name);
+        if (s.seenStep !== null && ev.step < s.seenStep) {
+          // Steps went back (resumed from a checkpoint): a new segment,
+          // never in the loaded history; append() drops the stale tail.
+          s.wentBackId = ev.id;
+          s.boundary = null;
+        }
+        s.seenStep = ev.step;
+        if (s.boundary !== null) {
+          if (ev.step <= s.boundary) return; // already in the loaded history
+          s.boundary = null;
+        }
+        const previous = s.lastStep();
+        s.append(ev.step, toNumber(ev.value), ev.time);
+        // Memory and redraw time stay bounded on a long live session.
+        if (s.steps.length > state.maxPoints * 4) s.compact(state.maxPoints * 2);
+        if (ev.coalesced && previous !== null && ev.step - previous > 1) {
+          fillGap(s, previous + 1, ev.step - 1); // the server folded points: fetch them
+        }
+        markChart(ev.name);
+        return;
+      }
+      case "status":
+        run.state = ev.state;
+        if (typeof ev.rewind_to === "number") {
+          // The server announces a rewind after the batch whose step went
+          // back: series that went back since the last announcement have
+          // dropped their own stale tail already; the others drop it now.
+          for (const name of run.metrics) {
+            const s = state.series.get(seriesKey(run.name, name));
+            if (s.wentBackId > run.rewindId) continue;
+            s.boundary = null;
+            s.truncate(ev.rewind_to);
+            markChart(name);
+          }
+          run.rewindId = ev.id;
+        }
+        addPanelEvent(ev);
+        return;
+      case "hparams":
+        Object.assign(run.hparams, ev.params || {});
+        if (state.selected === run.name) renderHparams();
+        return;
+      case "log":
+      case "alert":
+        addPanelEvent(ev);
+        return;
+      default:
+        return;
+    }
+  }
+
+  function applyPending() {
+    const events = state.pending;
+    state.pending = [];
+    for (const ev of events) applyEvent(ev);
+  }
+
+  async function fillGap(s, from, to) {
+    const generation = state.generation;
+    const changes = s.changes;
+    try {
+      const h = await api(metricPath(s.run, s.name), {
+        from_step: from,
+        to_step: to,
+        max_points: state.maxPoints,
+      });
+      if (generation !== state.generation || changes !== s.changes) return;
+      s.fill(from, to, h.points);
+      markChart(s.name);
+    } catch (e) {
+      console.warn(`trainstream: could not fill ${s.run} ${s.name} ${from}..${to}: ${e.message}`);
+    }
+  }
+
+  // -------------------------------------------------------------- stream
+
+  function openStream(afterId) {
+    closeStream();
+    const generation = state.generation;
+    const source = new EventSource(urlFor("events", { last_event_id: afterId }, true));
+    state.source = source;
+    const onEvent = (message) => {
+      if (generation !== state.generation) return;
+      const ev = JSON.parse(message.data);
+      if (ev.id <= state.lastId) return; // seen before this reconnect
+      state.lastId = ev.id;
+      state.pending.push(ev);
+    };
+    for (const type of EVENT_TYPES) source.addEventListener(type, onEvent);
+    source.addEventListener("reset", (message) => {
+      const data = JSON.parse(message.data);
+      reload(`history reset (${data.reason})`);
+    });
+    source.addEventListener("overflow", () => {
+      // Too slow for the server: it closes; resume after what we have.
+      setConnection("connecting", "caught up after overflow");
+      openStream(state.lastId);
+    });
+    source.onopen = () => {
+      if (generation !== state.generation) return;
+      state.reopenDelay = 1000;
+      setConnection("live");
+      if (state.hadError) {
+        state.hadError = false;
+        checkEpoch();
+      }
+    };
+    source.onerror = () => {
+      if (generation !== state.generation) return;
+      state.hadError = true;
+      if (source.readyState === EventSource.CLOSED) {
+        // The browser gave up (refused, 401, ...): reopen from the last id.
+        setConnection("offline", "retrying");
+        scheduleReopen();
+      } else {
+        setConnection("connecting", "reconnecting");
+      }
+    };
+  }
+
+  function closeStream() {
+    if (state.source) state.source.close();
+    state.source = null;
+    clearTimeout(state.reopenTimer);
+  }
+
+  function scheduleReopen() {
+    clearTimeout(state.reopenTimer);
+    const delay = state.reopenDelay;
+    state.reopenDelay = Math.min(delay * 2, 15000);
+    state.reopenTimer = setTimeout(() => openStream(state.lastId), delay);
+  }
+
+  /** After a reconnect: the same history (epoch), or reload everything. */
+  async function checkEpoch() {
+    try {
+      const health = await api("api/health");
+      if (health.epoch !== state.epoch) reload("the server has another history");
+    } catch (e) {
+      /* the stream says how the connection is */
+    }
+  }
+
+  // --------------------------------------------------------------- load
+
+  async function load() {
+    const generation = ++state.generation;
+    const current = () => generation === state.generation;
+    setConnection("connecting");
+    let health;
+    try {
+      health = await api("api/health");
+    } catch (e) {
+      if (!current()) return;
+      setConnection("offline", e.message);
+      setTimeout(() => current() && load(), 2000);
+      return;
+    }
+    if (!current()) return;
+    state.epoch = health.epoch;
+    state.cutoff = health.last_id;
+    state.lastId = health.last_id;
+    state.loading = true;
+    openStream(health.last_id);
+    try {
+      const { runs } = await api("api/runs");
+      if (!current()) return;
+      runs.sort((a, b) => (a.created || 0) - (b.created || 0) || (a.run < b.run ? -1 : 1));
+      for (const info of runs) ensureRun(info.run, info);
+      state.maxPoints = pointsPerChart();
+      const tasks = [];
+      for (const info of runs) {
+        tasks.push(() => loadRun(info.run, current));
+        for (const name of info.metrics) tasks.push(() => loadSeries(info.run, name, current));
+      }
+      tasks.push(() => loadPanelEvents(current));
+      await inParallel(tasks, HISTORY_CONCURRENCY);
+    } catch (e) {
+      if (!current()) return;
+      if (e.status === 401) {
+        setConnection("unauthorized", "open the page as /?token=TOKEN");
+        closeStream();
+        return;
+      }
+      setConnection("offline", `loading history failed: ${e.message}`);
+      setTimeout(() => current() && reload("retry"), 3000);
+      return;
+    }
+    if (!current()) return;
+    state.loading = false;
+    renderRuns();
+  }
+
+  async function loadRun(name, current) {
+    const detail = await api(runPath(name));
+    if (!current()) return;
+    const run = ensureRun(name, detail);
+    Object.assign(run.hparams, detail.hparams || {});
+    if (state.selected === name) renderHparams();
+  }
+
+  async function loadSeries(runName, name, current) {
+    const h = await api(metricPath(runName, name), { max_points: state.maxPoints });
+    if (!current()) return;
+    const s = ensureSeries(ensureRun(runName), name);
+    s.setHistory(h.points);
+    markChart(name);
+  }
+
+  async function loadPanelEvents(current) {
+    const after = Math.max(0, state.cutoff - RECENT_EVENTS_WINDOW);
+    const { events } = await api("api/events", {
+      after,
+      type: "status,log,alert",
+      limit: 10000,
+    });
+    if (!current()) return;
+    // Only those up to the cutoff: later ones arrive on the stream.
+    for (const ev of events) if (ev.id <= state.cutoff) addPanelEvent(ev, true);
+    renderPanel();
+  }
+
+  async function inParallel(tasks, width) {
+    let next = 0;
+    const worker = async () => {
+      while (next < tasks.length) await tasks[next++]();
+    };
+    await Promise.all(Array.from({ length: Math.min(width, tasks.length) }, worker));
+  }
+
+  function pointsPerChart() {
+    const area = $("charts").clientWidth || 800;
+    const columns = Math.max(1, Math.floor(area / 430));
+    const width = area / columns;
+    return Math.max(200, Math.min(8000, Math.round(2 * width)));
+  }
+
+  function reload(reason) {
+    console.info(`trainstream: reloading: ${reason}`);
+    closeStream();
+    for (const chart of state.charts.values()) chart.destroy();
+    state.charts.clear();
+    state.runs.clear();
+    state.series.clear();
+    state.pending = [];
+    state.panel = [];
+    $("runs").textContent = "";
+    renderPanel();
+    renderHparams();
+    updateEmpty();
+    load();
+  }
+
+  // -------------------------------------------------------------- charts
+
+  class Chart {
+    constructor(name) {
+      this.name = name;
+      this.dirty = true;
+      this.zoomed = false;
+      this.onscreen = true;
+      this.layout = "";
+      this.plot = null;
+      this.card = document.createElement("div");
+      this.card.className = "chart";
+      const title = document.createElement("h3");
+      const label = document.createElement("span");
+      label.textContent = name;
+      const hint = document.createElement("span");
+      hint.className = "hint";
+      hint.textContent = "drag to zoom, double-click to reset";
+      title.append(label, hint);
+      this.target = document.createElement("div");
+      this.target.className = "plot";
+      this.card.append(title, this.target);
+    }
+
+    runs() {
+      const out = [];
+      for (const run of state.runs.values()) {
+        if (run.visible && run.metrics.has(this.name)) {
+          out.push({ run, s: state.series.get(seriesKey(run.name, this.name)) });
+        }
+      }
+      return out;
+    }
+
+    shown() {
+      return !settings.filter || this.name.toLowerCase().includes(settings.filter);
+    }
+
+    update() {
+      this.dirty = false;
+      const runs = this.runs();
+      const smooth = settings.smoothing > 0;
+      const layout = [settings.theme, settings.log, settings.xAxis, smooth, ...runs.map((r) => r.run.name)].join("\n");
+      const data = this.data(runs, smooth);
+      if (!this.plot || layout !== this.layout) {
+        this.layout = layout;
+        this.build(runs, smooth, data);
+      } else {
+        this.plot.setData(data);
+      }
+    }
+
+    data(runs, smooth) {
+      if (!runs.length) return [[]];
+      const parts = runs.map(({ s }) => {
+        const cols = smooth ? [s.values, s.smoothed(settings.smoothing)] : [s.values];
+        return s.columns(settings.xAxis, cols);
+      });
+      const data = join(parts);
+      if (settings.log) {
+        for (let c = 1; c < data.length; c++) data[c] = data[c].map((v) => (v !== null && v > 0 ? v : null));
+      }
+      return data;
+    }
+
+    build(runs, smooth, data) {
+      if (this.plot) this.plot.destroy();
+      const css = getComputedStyle(document.documentElement);
+      const color = (name) => css.getPropertyValue(name).trim();
+      const axis = {
+        stroke: color("--axis"),
+        grid: { stroke: color("--grid"), width: 1 },
+        ticks: { stroke: color("--grid"), width: 1 },
+      };
+      const time = settings.xAxis === "time";
+      const series = [
+        {
+          label: time ? "time" : "step",
+          value: (u, v) => (v == null ? "–" : time ? new Date(v * 1000).toLocaleString() : String(v)),
+        },
+      ];
+      const raw = [];
+      for (const { run } of runs) {
+        if (smooth) {
+          raw.push(series.length);
+          series.push({
+            label: `${run.name} (raw)`,
+            stroke: `${run.color}44`,
+            width: 1,
+            spanGaps: true,
+            points: { show: false },
+            value: (u, v) => formatValue(v),
+          });
+        }
+        series.push({
+          label: run.name,
+          stroke: run.color,
+          width: 1.5,
+          spanGaps: true,
+          points: { show: false },
+          value: (u, v) => formatValue(v),
+        });
+      }
+      const chart = this;
+      this.plot = new uPlot(
+        {
+          width: this.width(),
+          height: CHART_HEIGHT,
+          series,
+          scales: {
+            x: { time, auto: () => !chart.zoomed },
+            y: settings.log ? { distr: 3, log: 10 } : {},
+          },
+          axes: [
+            { ...axis, space: 60 },
+            { ...axis, size: 60, values: (u, splits) => splits.map(formatTick) },
+          ],
+          cursor: { drag: { x: true, y: false }, sync: { key: "trainstream" }, points: { size: 6 } },
+          legend: { live: true },
+          hooks: {
+            setScale: [
+              (u, key) => {
+                if (key !== "x") return;
+                const xs = u.data[0];
+                const n = xs ? xs.length : 0;
+                chart.zoomed = n > 1 && (u.scales.x.min > xs[0] || u.scales.x.max < xs[n - 1]);
+              },
+            ],
+          },
+        },
+        data,
+        this.target
+      );
+      const rows = this.plot.root.querySelectorAll(".u-legend .u-series");
+      for (const i of raw) if (rows[i]) rows[i].classList.add("raw");
+    }
+
+    width() {
+      return Math.max(200, this.target.clientWidth || this.card.clientWidth - 16 || 400);
+    }
+
+    resize() {
+      if (this.plot) this.plot.setSize({ width: this.width(), height: CHART_HEIGHT });
+    }
+
+    destroy() {
+      if (this.plot) this.plot.destroy();
+      this.plot = null;
+      this.card.remove();
+    }
+  }
+
+  function formatValue(v) {
+    if (v == null) return "–";
+    const a = Math.abs(v);
+    if (a !== 0 && (a >= 1e6 || a < 1e-4)) return v.toExponential(4);
+    return Number(v.toPrecision(6)).toString();
+  }
+
+  /** A tick label: exact for uPlot's round splits, without float noise. */
+  function formatTick(v) {
+    if (v == null) return "";
+    const x = Number(v.toPrecision(10));
+    const a = Math.abs(x);
+    return a !== 0 && (a >= 1e5 || a < 1e-3) ? x.toExponential() : String(x);
+  }
+
+  const visibility = new IntersectionObserver((entries) => {
+    for (const entry of entries) {
+      const chart = entry.target.chart;
+      if (chart) chart.onscreen = entry.isIntersecting;
+    }
+  });
+
+  function ensureChart(name) {
+    let chart = state.charts.get(name);
+    if (chart) return chart;
+    chart = new Chart(name);
+    state.charts.set(name, chart);
+    chart.card.chart = chart;
+    const names = [...state.charts.keys()].sort();
+    const after = names[names.indexOf(name) + 1];
+    const container = $("charts");
+    container.insertBefore(chart.card, after ? state.charts.get(after).card : null);
+    chart.card.hidden = !chart.shown();
+    visibility.observe(chart.card);
+    updateEmpty();
+    return chart;
+  }
+
+  function markChart(name) {
+    const chart = state.charts.get(name);
+    if (chart) chart.dirty = true;
+  }
+
+  function markAll() {
+    for (const chart of state.charts.values()) chart.dirty = true;
+  }
+
+  /** Redraw dirty, visible charts, round robin, within the frame budget. */
+  function drawCharts(start) {
+    const charts = [...state.charts.values()];
+    const n = charts.length;
+    for (let k = 0; k < n; k++) {
+      const chart = charts[(state.rr + k) % n];
+      if (!chart.dirty || chart.card.hidden || !chart.onscreen) continue;
+      if (performance.now() - start > FRAME_BUDGET_MS) {
+        state.rr = (state.rr + k) % n; // go on from here next frame
+        return;
+      }
+      chart.update();
+    }
+  }
+
+  function frame() {
+    requestAnimationFrame(frame);
+    const start = performance.now();
+    if (!state.loading && state.pending.length) applyPending();
+    if (state.runsDirty) renderRuns();
+    drawCharts(start);
+  }
+
+  // ------------------------------------------------------------ side panel
+
+  function renderRuns() {
+    state.runsDirty = false;
+    const list = $("runs");
+    const now = Date.now() / 1000;
+    for (const run of state.runs.values()) {
+      if (!run.el) run.el = runItem(run, list);
+      const { stateEl, ageEl } = run.el;
+      stateEl.textContent = run.state;
+      stateEl.className = `state state-${run.state}`;
+      ageEl.textContent = run.updated ? age(now - run.updated) : "";
+      ageEl.title = run.updated ? `last event ${new Date(run.updated * 1000).toLocaleString()}` : "";
+      run.el.item.classList.toggle("selected", state.selected === run.name);
+    }
+    $("run-count").textContent = state.runs.size ? `(${state.runs.size})` : "";
+  }
+
+  function runItem(run, list) {
+    const item = document.createElement("li");
+    item.title = run.name;
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.checked = run.visible;
+    box.title = "show on the charts";
+    box.addEventListener("click", (e) => e.stopPropagation());
+    box.addEventListener("change", () => {
+      run.visible = box.checked;
+      for (const name of run.metrics) markChart(name);
+    });
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = run.color;
+    const label = document.createElement("span");
+    label.className = "name";
+    label.textContent = run.name;
+    const right = document.createElement("span");
+    const stateEl = document.createElement("span");
+    const ageEl = document.createElement("span");
+    ageEl.className = "age";
+    right.append(stateEl, " ", ageEl);
+    item.append(box, swatch, label, right);
+    item.addEventListener("click", () => {
+      state.selected = state.selected === run.name ? null : run.name;
+      state.runsDirty = true;
+      renderHparams();
+      renderPanel();
+    });
+    list.append(item);
+    return { item, stateEl, ageEl };
+  }
+
+  function age(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m`;
+    if (s < 86400) return `${Math.floor(s / 3600)}h`;
+    return `${Math.floor(s / 86400)}d`;
+  }
+
+  function renderHparams() {
+    const table = $("hparams");
+    table.textContent = "";
+    const run = state.selected ? state.runs.get(state.selected) : null;
+    $("hparams-run").textContent = run ? run.name : "(select a run)";
+    if (!run) return;
+    const keys = Object.keys(run.hparams).sort();
+    for (const key of keys) {
+      const row = table.insertRow();
+      row.insertCell().textContent = key;
+      row.insertCell().textContent = JSON.stringify(run.hparams[key]);
+    }
+    if (!keys.length) table.insertRow().insertCell().textContent = "none logged";
+  }
+
+  function addPanelEvent(ev, quiet) {
+    state.panel.push(ev);
+    if (state.panel.length > PANEL_EVENTS * 2) state.panel = state.panel.slice(-PANEL_EVENTS);
+    if (quiet || (state.selected && ev.run !== state.selected)) return;
+    const list = $("events");
+    list.prepend(panelItem(ev));
+    while (list.childElementCount > PANEL_EVENTS) list.lastElementChild.remove();
+  }
+
+  function renderPanel() {
+    const list = $("events");
+    list.textContent = "";
+    const shown = state.panel.filter((ev) => !state.selected || ev.run === state.selected);
+    for (const ev of shown.slice(-PANEL_EVENTS).reverse()) list.append(panelItem(ev));
+  }
+
+  function panelItem(ev) {
+    const item = document.createElement("li");
+    const kind = document.createElement("span");
+    kind.className = "kind";
+    let text = "";
+    if (ev.type === "status") {
+      item.className = `type-status state-${ev.state}`;
+      kind.textContent = ev.state;
+      text = [
+        ev.epoch !== undefined ? `epoch ${ev.epoch}` : "",
+        ev.rewind_to !== undefined ? `rewound to step ${ev.rewind_to}` : "",
+        ev.message || "",
+      ].filter(Boolean).join(" · ");
+    } else if (ev.type === "log") {
+      item.className = `type-log level-${ev.level}`;
+      kind.textContent = ev.level;
+      text = ev.message;
+    } else {
+      item.className = "type-alert";
+      kind.textContent = `alert ${ev.kind}`;
+      text = [ev.name, ev.message].filter(Boolean).join(": ");
+    }
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = `${ev.run} · ${new Date(ev.time * 1000).toLocaleTimeString()}`;
+    item.append(kind, document.createTextNode(text), meta);
+    return item;
+  }
+
+  function setConnection(kind, detail) {
+    state.connection = kind;
+    const el = $("connection");
+    el.dataset.state = kind;
+    $("connection-text").textContent = detail ? `${kind}: ${detail}` : kind;
+    el.title = `last event id ${state.lastId}`;
+  }
+
+  function updateEmpty() {
+    $("empty").hidden = state.charts.size > 0;
+  }
+
+  // ------------------------------------------------------------- controls
+
+  function applyTheme() {
+    document.documentElement.dataset.theme = settings.theme;
+    $("theme").textContent = settings.theme === "dark" ? "light theme" : "dark theme";
+  }
+
+  function setupControls() {
+    const slider = $("smoothing");
+    const shown = $("smoothing-value");
+    slider.value = String(settings.smoothing);
+    shown.textContent = settings.smoothing.toFixed(2);
+    slider.addEventListener("input", () => {
+      settings.smoothing = Number(slider.value);
+      shown.textContent = settings.smoothing.toFixed(2);
+      saveSettings();
+      markAll();
+    });
+    const log = $("log-scale");
+    log.checked = settings.log;
+    log.addEventListener("change", () => {
+      settings.log = log.checked;
+      saveSettings();
+      markAll();
+    });
+    const xAxis = $("x-axis");
+    xAxis.value = settings.xAxis;
+    xAxis.addEventListener("change", () => {
+      settings.xAxis = xAxis.value;
+      for (const chart of state.charts.values()) chart.zoomed = false;
+      saveSettings();
+      markAll();
+    });
+    const filter = $("metric-filter");
+    filter.addEventListener("input", () => {
+      settings.filter = filter.value.trim().toLowerCase();
+      for (const chart of state.charts.values()) {
+        chart.card.hidden = !chart.shown();
+        chart.dirty = true;
+      }
+    });
+    $("theme").addEventListener("click", () => {
+      settings.theme = settings.theme === "dark" ? "light" : "dark";
+      applyTheme();
+      saveSettings();
+      markAll();
+    });
+    new ResizeObserver(() => {
+      for (const chart of state.charts.values()) chart.resize();
+    }).observe($("charts"));
+  }
+
+  // ------------------------------------------------------------ start
+
+  /** Read-only hooks for tests and benchmarks. */
+  window.trainstream = Object.freeze({
+    points: (run, name) => {
+      const s = state.series.get(seriesKey(run, name));
+      return s ? s.steps.slice() : null;
+    },
+    values: (run, name) => {
+      const s = state.series.get(seriesKey(run, name));
+      return s ? s.values.slice() : null;
+    },
+    status: () => ({
+      connection: state.connection,
+      loading: state.loading,
+      lastId: state.lastId,
+      epoch: state.epoch,
+      pending: state.pending.length,
+      runs: [...state.runs.values()].map((r) => ({ run: r.name, state: r.state, updated: r.updated })),
+      charts: [...state.charts.keys()],
+      drawn: [...state.charts.values()].filter((c) => c.plot && !c.dirty).map((c) => c.name),
+    }),
+  });
+
+  applyTheme();
+  if (typeof uPlot === "undefined") {
+    $("empty").textContent =
+      "The chart library did not load: the server needs the uplot-python package (pip install uplot-python).";
+    setConnection("offline", "uPlot missing");
+    return;
+  }
+  setupControls();
+  renderHparams();
+  setInterval(() => {
+    // Ages tick; and a hidden tab (no animation frames) still applies events.
+    if (document.hidden && !state.loading && state.pending.length) applyPending();
+    state.runsDirty = true;
+  }, 1000);
+  requestAnimationFrame(frame);
+  load();
+})();
