@@ -654,3 +654,46 @@ def validate_events(
     if not isinstance(items, (list, tuple)):
         raise EventError(f"events must be a JSON array, got {_show(items)}")
     return [validate_event(item, index, limits, now) for index, item in enumerate(items)]
+
+
+_SPECIAL_VALUES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def metric_events(
+    run: str, metrics: Mapping[str, object], step: object, t: float, checked: set[str]
+) -> list[dict[str, object]]:
+    """
+    The metric events of one ``log(metrics, step)`` call (``Run.log`` and
+    ``client.Publisher.log``), checked cheaply enough for a training loop:
+    each name is validated once (then remembered in ``checked``), values of
+    other number types (numpy, torch scalars) become floats.
+
+    :raises EventError: naming the field; nothing of the call is kept then.
+    """
+    if type(step) is not int or step < 0:
+        raise EventError(f'run {run!r}: "step" must be an integer >= 0, got {step!r}', field="step")
+    events: list[dict[str, object]] = []
+    for name, value in metrics.items():
+        if name not in checked:
+            validate_event({"type": "metric", "run": run, "name": name, "step": step, "value": 0})
+            checked.add(name)
+        kind = type(value)
+        if kind is not float and kind is not int:
+            value = _loose_number(run, name, value)
+        events.append(
+            {"type": "metric", "run": run, "time": t, "name": name, "step": step, "value": value}
+        )
+    return events
+
+
+def _loose_number(run: str, name: str, value: object) -> float:
+    if isinstance(value, str) and value in _SPECIAL_VALUES:
+        return _SPECIAL_VALUES[value]
+    if not isinstance(value, bool):
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    raise EventError(
+        f'run {run!r}, metric {name!r}: "value" must be a number, got {value!r}', field="value"
+    )

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from trainstream.events import EventError, validate_event
+from trainstream.events import metric_events, validate_event
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -60,9 +60,6 @@ class Inbox:
             self._sink(batch)
 
 
-_SPECIAL = {"NaN", "Infinity", "-Infinity"}
-
-
 class Run:
     """
     One training run as seen from the training code. Every method may be
@@ -84,32 +81,8 @@ class Run:
         :raises EventError: at once, naming the field, for a bad name, step
             or value; nothing of this call is queued then.
         """
-        if type(step) is not int or step < 0:
-            raise EventError(
-                f'run {self.name!r}: "step" must be an integer >= 0, got {step!r}', field="step"
-            )
         t = time.time() if time_s is None else time_s
-        run = self.name
-        events: list[Event] = []
-        for name, value in metrics.items():
-            if name not in self._checked_names:
-                validate_event(
-                    {"type": "metric", "run": run, "name": name, "step": step, "value": 0}
-                )
-                self._checked_names.add(name)
-            kind = type(value)
-            if kind is not float and kind is not int:
-                value = _metric_value(run, name, value)
-            events.append(
-                {
-                    "type": "metric",
-                    "run": run,
-                    "time": t,
-                    "name": name,
-                    "step": step,
-                    "value": value,
-                }
-            )
+        events = metric_events(self.name, metrics, step, t, self._checked_names)
         self._inbox.put(events)
 
     def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
@@ -145,21 +118,6 @@ class Run:
 
     def _put_checked(self, event: Event) -> None:
         self._inbox.put([validate_event(event)])
-
-
-def _metric_value(run: str, name: str, value: object) -> object:
-    """Accept numbers of other types (numpy, torch scalars) and the special strings."""
-    if isinstance(value, str) and value in _SPECIAL:
-        return float(value)
-    if not isinstance(value, bool):
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            pass
-    raise EventError(
-        f'run {run!r}, metric {name!r}: "value" must be a number, got {value!r}',
-        field="value",
-    )
 
 
 __all__ = ["Inbox", "Run"]
