@@ -16,6 +16,22 @@ from twisted.internet.defer import Deferred, succeed
 from trainstream.store import Point, Record, downsample
 
 
+def records_after(
+    records: deque[Record],
+    after_id: int,
+    match: Callable[[Record], bool],
+    limit: int | None,
+    out: list[Record],
+) -> None:
+    """Append to ``out`` the ``records`` (in id order) after ``after_id`` that match."""
+    start = bisect.bisect_right(records, after_id, key=lambda r: r.id)
+    for record in itertools.islice(records, start, None):
+        if match(record):
+            out.append(record)
+            if limit is not None and len(out) >= limit:
+                return
+
+
 class MemoryStore:
     """
     History in RAM only. It forgets its oldest events past ``max_events``,
@@ -51,14 +67,8 @@ class MemoryStore:
     def after(
         self, after_id: int, match: Callable[[Record], bool], limit: int | None = None
     ) -> list[Record]:
-        records = self._records
-        start = bisect.bisect_right(records, after_id, key=lambda r: r.id)
         out: list[Record] = []
-        for record in itertools.islice(records, start, None):
-            if match(record):
-                out.append(record)
-                if limit is not None and len(out) >= limit:
-                    break
+        records_after(self._records, after_id, match, limit, out)
         return out
 
     def segments(self) -> dict[tuple[str, str], tuple[int, int]]:

@@ -44,6 +44,7 @@ from twisted.logger import Logger
 
 from trainstream.errors import StoreError
 from trainstream.store import Point, Record, SeriesSummary, downsample, rollup
+from trainstream.store.memory import records_after
 
 _log = Logger()
 
@@ -314,12 +315,7 @@ class SQLiteStore:
                             return out
                 cursor = rows[-1][0]
             after_id = cache_start - 1
-        start = bisect.bisect_right(cache, after_id, key=lambda r: r.id)
-        for record in itertools.islice(cache, start, None):
-            if match(record):
-                out.append(record)
-                if limit is not None and len(out) >= limit:
-                    break
+        records_after(cache, after_id, match, limit, out)
         return out
 
     def registry(self) -> tuple[list[Record], dict[tuple[str, str], SeriesSummary]]:
