@@ -325,13 +325,15 @@ def make_record(event_id: int, event: dict[str, object], segment: int = 0) -> Re
     """Give a validated event its id and encode it once."""
     event = {"id": event_id, **event}
     name = event.get("name")
+    text = encode_event(event)
     return Record(
         id=event_id,
         type=str(event["type"]),
         run=str(event["run"]),
         name=name if isinstance(name, str) else None,
         event=event,
-        json=encode_event(event),
+        json=text,
+        size=len(text),
         segment=segment,
     )
 
