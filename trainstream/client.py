@@ -8,26 +8,35 @@ with backoff while the server is unreachable. When the queue is full the
 oldest events are dropped and counted, so the training loop never blocks and
 never grows without bound. No reactor is involved: this module imports no
 Twisted, so a training script pays nothing for it.
+
+``Subscriber`` reads the other way: the server's events as an iterator of
+dicts, resuming by id across reconnects (the SSE reader of
+``trainstream.watch``); ``subscribe_deferred`` is its form for code in the
+reactor thread (Twisted is imported only when it is called).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import json
-import math
 import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
-from trainstream.events import EventError, encode_json, validate_event
+from trainstream.events import encode_json, metric_events, validate_event
+from trainstream.watch import WatchError as SubscriberError
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from trainstream.watch import Event as WatchEvent, Reset
 
 Event = dict[str, object]
-
-_SPECIAL = {"NaN", "Infinity", "-Infinity"}
 
 
 def api_base(url: str) -> tuple[str, str, int, str]:
@@ -113,32 +122,8 @@ class Publisher:
     def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
         """Queue one metric event per ``{name: value}``; raises ``EventError`` at once if bad."""
         started = time.perf_counter_ns()
-        if type(step) is not int or step < 0:
-            raise EventError(
-                f'run {self.run!r}: "step" must be an integer >= 0, got {step!r}', field="step"
-            )
         t = time.time() if time_s is None else time_s
-        events: list[Event] = []
-        for name, value in metrics.items():
-            if name not in self._checked:
-                validate_event(
-                    {"type": "metric", "run": self.run, "name": name, "step": step, "value": 0}
-                )
-                self._checked.add(name)
-            if type(value) is not float and type(value) is not int:
-                value = _number(self.run, name, value)
-            elif type(value) is float and not math.isfinite(value):
-                value = "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
-            events.append(
-                {
-                    "type": "metric",
-                    "run": self.run,
-                    "time": t,
-                    "name": name,
-                    "step": step,
-                    "value": value,
-                }
-            )
+        events = metric_events(self.run, metrics, step, t, self._checked)
         self._put(events)
         self._log_ns += time.perf_counter_ns() - started
         self._log_calls += 1
@@ -315,23 +300,6 @@ class Publisher:
             self.close(timeout)
 
 
-def _number(run: str, name: str, value: object) -> object:
-    if isinstance(value, str) and value in _SPECIAL:
-        return value
-    if not isinstance(value, bool):
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            pass
-        else:
-            if math.isfinite(number):
-                return number
-            return "NaN" if number != number else ("Infinity" if number > 0 else "-Infinity")
-    raise EventError(
-        f'run {run!r}, metric {name!r}: "value" must be a number, got {value!r}', field="value"
-    )
-
-
 def _error_text(answer: bytes) -> str:
     try:
         return str(json.loads(answer).get("error", answer[:200]))
@@ -339,4 +307,186 @@ def _error_text(answer: bytes) -> str:
         return answer[:200].decode("utf-8", "replace")
 
 
-__all__ = ["Publisher", "api_base"]
+# Subscribing
+
+
+class Subscriber:
+    """
+    The events of a remote server, as an iterator of dicts, resuming by id.
+
+    A blocking client (no reactor, no thread of its own): iterating reads the
+    server's ``/events`` stream (Server-Sent Events) with
+    ``trainstream.watch.SSEClient``, the resuming reader of ``trainstream
+    tail``. After a disconnect, an ``overflow`` (too slow) or a server
+    restart it reconnects with backoff (the server's ``retry:``) and
+    ``Last-Event-ID``, so no event is handed out twice or skipped while the
+    server still holds it. When it no longer does (history trimmed, or a new
+    history: another ``epoch``), a ``{"type": "reset", "reason",
+    "oldest_id"}`` dict is handed out first; it has no ``id``.
+
+    The iterator ends only after ``close()`` (from any thread, or leaving the
+    ``with`` block); a refusal that retrying will not fix (401, a bad filter,
+    a URL that is no trainstream server) raises ``SubscriberError``.
+    ``last_id`` is the id of the latest event handed out: give it as
+    ``after`` to a new ``Subscriber`` to go on from there.
+
+    :param url: the server (any listener; a base, ``/api`` or ``/events`` URL).
+    :param runs: run globs (``*`` matches any); ``names``: metric-name
+        globs; ``types``: event types. Empty: everything.
+    :param after: first replay every stored matching event after this id
+        (0: the whole history); ``None``: live events only.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        runs: Sequence[str] = (),
+        names: Sequence[str] = (),
+        types: Sequence[str] = (),
+        after: int | None = None,
+        token: str | None = None,
+        backoff_max: float = 10.0,
+        read_timeout: float = 45.0,
+    ) -> None:
+        from trainstream.watch import SSEClient, parse_endpoint
+
+        endpoint = parse_endpoint(url)
+        self._client = SSEClient(
+            endpoint,
+            token,
+            runs=runs,
+            names=names,
+            types=types,
+            after=after,
+            backoff_max=backoff_max,
+            read_timeout=read_timeout,
+        )
+        self._items = cast(Generator["WatchEvent | Reset", None, None], self._client.items())
+
+    @property
+    def last_id(self) -> int | None:
+        """The id after which the stream goes on (``after`` until an event came)."""
+        return self._client.last_id
+
+    @property
+    def connections(self) -> int:
+        """How many times a stream was opened (1 + reconnections)."""
+        return self._client.connections
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        from trainstream.watch import Reset
+
+        item = next(self._items)
+        if isinstance(item, Reset):
+            return item.to_json()
+        return item.data
+
+    def close(self) -> None:
+        """Stop: from any thread; a ``next()`` waiting for an event ends the iteration."""
+        self._client.close()
+        with contextlib.suppress(ValueError):  # running in another thread: it ends by itself
+            self._items.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def subscribe_deferred(
+    url: str,
+    callback: Callable[[Event], object],
+    runs: Sequence[str] = (),
+    names: Sequence[str] = (),
+    types: Sequence[str] = (),
+    after: int | None = None,
+    token: str | None = None,
+    reactor: Any = None,
+) -> Deferred[int | None]:
+    """
+    For code in the reactor thread: a ``Subscriber`` read by a thread of its
+    own, each event handed to ``callback(event)`` in the reactor thread, one
+    at a time. If the callback returns a Deferred, the next event waits for
+    it (so a slow consumer slows the reading, and the server's slow-client
+    rules apply instead of a queue growing here).
+
+    The returned Deferred fires when the subscription ends:
+
+    - with the ``last_id`` handed out, when ``callback`` returns ``False``
+      (give it as ``after`` to go on later);
+    - with ``CancelledError`` when it is cancelled (``d.cancel()``), which
+      stops the subscription;
+    - with the error, when the callback raises (or its Deferred fails) or the
+      server refuses for good (``SubscriberError``).
+
+    The reactor's shutdown stops it too (the Deferred then fails with
+    ``CancelledError``).
+    """
+    from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
+    from twisted.internet.threads import blockingCallFromThread
+    from twisted.python.failure import Failure
+
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        subscriber = Subscriber(url, runs, names, types, after, token)
+    except SubscriberError:
+        return fail()
+    state = {"stopped": False}
+
+    def cancel(_: Deferred[int | None]) -> None:
+        state["stopped"] = True
+        subscriber.close()
+
+    done: Deferred[int | None] = Deferred(cancel)
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", done.cancel)
+
+    def finish(result: int | Failure | None) -> None:
+        reactor.removeSystemEventTrigger(trigger)
+        if done.called:
+            return  # cancelled: already fired
+        if isinstance(result, Failure):
+            done.errback(result)
+        else:
+            done.callback(result)
+
+    def deliver(event: Event) -> Deferred[bool]:
+        if state["stopped"]:
+            return succeed(False)
+        return maybeDeferred(callback, event).addCallback(lambda answer: answer is not False)
+
+    def read() -> None:
+        result: int | Failure | None
+        try:
+            for event in subscriber:
+                # It waits for deliver's Deferred and gives its result (mypy
+                # cannot pick _R from the union of its signature: say bool).
+                go_on = blockingCallFromThread(
+                    reactor, cast(Callable[[Event], bool], deliver), event
+                )
+                if not go_on:
+                    break
+            result = subscriber.last_id
+        except BaseException:
+            result = Failure()
+        finally:
+            subscriber.close()
+        if state["stopped"] and not isinstance(result, Failure):
+            result = Failure(CancelledError())
+        reactor.callFromThread(finish, result)
+
+    threading.Thread(target=read, name="trainstream-subscriber", daemon=True).start()
+    return done
+
+
+__all__ = ["Publisher", "Subscriber", "SubscriberError", "api_base", "subscribe_deferred"]

@@ -427,7 +427,9 @@ class Hub:
         rewinds: list[dict[str, object]] = []
         for i, e in enumerate(events):
             segment = 0
-            if e["type"] == "metric":
+            if e["type"] == "metric" and "rank" not in e:
+                # Ranks of one run interleave their steps; their own steps
+                # going back are the ranks service's business, not a rewind.
                 step = e["step"]
                 assert isinstance(step, int)
                 segment, announce = segments.assign(str(e["run"]), str(e["name"]), step)

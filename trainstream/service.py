@@ -41,6 +41,7 @@ from trainstream.config import Config, default_db_path
 from trainstream.errors import ConfigError, ListenError, PortInUseError
 from trainstream.events import Limits
 from trainstream.hub import Hub
+from trainstream.ranks import RanksService
 from trainstream.run import Inbox, Run
 from trainstream.runs import RunsService
 from trainstream.store import Store
@@ -289,6 +290,7 @@ class StreamServer(MultiService):
         self._stop_waiters: list[Deferred[None]] = []
         self.runs = RunsService(self.hub, self.reactor, self.config.stall_after)
         self.runs.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.ranks = RanksService(self.hub)
         if self.config.demo:
             from trainstream.demo import DemoService
 

@@ -18,6 +18,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from trainstream._version import __version__
 from trainstream.events import BodyTooLarge, EventError, decode_body, encode_json
+from trainstream.ranks import RanksService
 from trainstream.web.openapi import openapi_document
 from trainstream.web.sse import BadQueryError, filter_from_lists, parse_event_id
 
@@ -102,6 +103,24 @@ def split_run_path(raw_segments: Sequence[bytes]) -> tuple[str, str | None]:
         if raw_segments[k] == b"metrics":
             return decode(raw_segments[:k]), decode(raw_segments[k + 1 :])
     return decode(raw_segments), None
+
+
+def split_ranks_path(raw_segments: Sequence[bytes]) -> str | None:
+    """
+    The run of ``/api/runs/{run}/ranks`` (distributed ranks, see
+    ``trainstream.ranks``), or ``None`` for another run path.
+
+    The rule: when the path is no metric history (``split_run_path``) and
+    has a last segment, after the first, that is literally ``ranks``, the
+    segments before it are the run. A run whose name ends in a ``ranks``
+    segment is then asked for with its slashes encoded (``a%2Franks``), as
+    for ``metrics``.
+    """
+    if len(raw_segments) < 2 or raw_segments[-1] != b"ranks":
+        return None
+    if split_run_path(raw_segments)[1] is not None:
+        return None
+    return split_run_path(raw_segments[:-1])[0]
 
 
 def _raw_tail(request: IRequest, decoded_tail: str) -> list[bytes]:
@@ -208,7 +227,11 @@ class RestApi:
     @app.route("/runs/<path:tail>", methods=["GET", "DELETE"])
     def run_path(self, request: Request, tail: str) -> bytes | Deferred[bytes]:
         """``/runs/{run}`` and ``/runs/{run}/metrics/{name}``: see ``split_run_path``."""
-        run, name = split_run_path(_raw_tail(request, tail))
+        raw_tail = _raw_tail(request, tail)
+        ranks_run = split_ranks_path(raw_tail)
+        if ranks_run is not None:
+            return self._ranks(request, ranks_run)
+        run, name = split_run_path(raw_tail)
         if request.method == b"DELETE":
             if name is not None:
                 request.setHeader(b"allow", b"GET, HEAD")
@@ -232,6 +255,9 @@ class RestApi:
         removed = self.server.runs.delete(run)
         if removed is None:
             return _no_run(request, run)
+        ranks = _ranks_service(self.server)
+        if ranks is not None:
+            ranks.forget(run)
         _log.info("run {run} deleted ({n} events)", run=run, n=removed)
         return json_response(request, {"run": run, "deleted": removed})
 
@@ -273,6 +299,24 @@ class RestApi:
 
         return store.sync().addCallback(answer)
 
+    # Distributed ranks (trainstream.ranks)
+
+    def _ranks(self, request: Request, run: str) -> bytes:
+        """``GET /api/runs/{run}/ranks``: per-metric mean/min/max across ranks, laggards."""
+        if request.method == b"DELETE":
+            request.setHeader(b"allow", b"GET, HEAD")
+            return json_response(
+                request,
+                {"error": "DELETE is not allowed on ranks; DELETE /api/runs/{run} removes the run"},
+                405,
+            )
+        ranks = _ranks_service(self.server)
+        if ranks is None:
+            return json_response(request, {"error": "this server does not track ranks"}, 404)
+        if self.server.runs.get(run) is None:
+            return _no_run(request, run)
+        return json_response(request, ranks.snapshot(run))
+
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: Request) -> bytes:
         if self._openapi is None:
@@ -298,4 +342,10 @@ class RestApi:
         )
 
 
-__all__ = ["RestApi", "json_response"]
+def _ranks_service(server: StreamServer) -> RanksService | None:
+    """The server's ``RanksService`` (``server.ranks``), if it has one."""
+    ranks = getattr(server, "ranks", None)
+    return ranks if isinstance(ranks, RanksService) else None
+
+
+__all__ = ["RestApi", "json_response", "split_ranks_path"]
