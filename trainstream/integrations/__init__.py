@@ -1,0 +1,1 @@
+"""Adapters that let code written for other logging APIs publish to trainstream."""

@@ -1,0 +1,144 @@
+"""
+A Keras 3 callback that publishes ``model.fit`` to trainstream::
+
+    from trainstream.integrations.keras import TrainstreamCallback
+
+    model.fit(x, y, epochs=5, callbacks=[TrainstreamCallback(run="mlp")])   # embedded
+    model.fit(x, y, callbacks=[TrainstreamCallback(url="http://127.0.0.1:8890")])
+
+Any Keras backend works (``KERAS_BACKEND=torch`` or ``jax`` avoids TensorFlow).
+
+How ``fit`` maps onto trainstream. The step is a counter of training
+batches over the whole run (it goes on across ``fit`` calls):
+
+- ``on_train_begin`` → the run is opened (named ``run=``, else
+  ``keras-YYYYmmdd-HHMMSS``; sanitized), an ``hparams`` event from
+  ``self.params`` (``epochs``, ``steps``, ``verbose``) and the optimizer's
+  config as ``optimizer/NAME`` (strings, numbers, bools, ``None``), and a
+  ``running`` status.
+- ``on_train_batch_end`` → the numeric ``logs`` (``loss``, metrics) at the
+  batch's step, every ``update_freq`` batches (``"epoch"``: never).
+- ``on_epoch_end`` → the numeric ``logs`` prefixed ``epoch/``
+  (``epoch/loss``, ``epoch/val_loss``...) at the number of batches trained
+  so far, and a ``running`` status with the epoch (1-based: epochs done).
+- ``on_train_end`` → ``finished``, then a flush. The run stays open for a
+  later ``fit``; ``close()`` flushes and releases the embedded server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+from trainstream.integrations._target import (
+    Target,
+    check_options,
+    default_run_name,
+    metrics_of,
+    open_run,
+    params_of,
+)
+
+__all__ = ["TrainstreamCallback"]
+
+
+class TrainstreamCallback(keras.callbacks.Callback):  # type: ignore[misc]
+    """
+    Publish a Keras ``fit`` to trainstream.
+
+    :param run: the run's name (sanitized); ``keras-YYYYmmdd-HHMMSS`` if not given.
+    :param url: a trainstream server (``http://host:port``): publish with
+        :class:`trainstream.client.Publisher`. Without it, the process-wide
+        embedded server is used (``trainstream.get_stream_server``) and
+        released by ``close()``.
+    :param token: the remote server's bearer token.
+    :param server_config: the embedded server's config (not with ``url``).
+    :param update_freq: log batch metrics every N batches, or ``"epoch"`` for
+        epoch metrics only (as Keras' ``TensorBoard`` callback).
+    :param flush_timeout: remote only: how long a flush waits for the server.
+    """
+
+    def __init__(
+        self,
+        run: str | None = None,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        server_config: Any = None,
+        update_freq: int | str = 1,
+        flush_timeout: float | None = 30.0,
+    ) -> None:
+        super().__init__()
+        check_options("TrainstreamCallback", url, token, server_config)
+        if update_freq != "epoch" and not (isinstance(update_freq, int) and update_freq >= 1):
+            raise ValueError(
+                f'TrainstreamCallback: update_freq must be an integer >= 1 or "epoch", '
+                f"got {update_freq!r}"
+            )
+        self._run_name = run if run is not None else default_run_name("keras")
+        self._url = url
+        self._token = token
+        self._server_config = server_config
+        self._update_freq = update_freq
+        self._flush_timeout = flush_timeout
+        #: Training batches seen so far, over every ``fit`` of this callback.
+        self.step = 0
+        #: The run (:class:`~trainstream.integrations._target.Target`), once training began.
+        self.run: Target | None = None
+
+    def _open(self) -> Target:
+        if self.run is None:
+            self.run = open_run(
+                self._run_name,
+                url=self._url,
+                token=self._token,
+                server_config=self._server_config,
+                flush_timeout=self._flush_timeout,
+                who="TrainstreamCallback",
+            )
+        return self.run
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        run = self._open()
+        params = params_of(dict(self.params or {}))
+        optimizer = getattr(getattr(self, "model", None), "optimizer", None)
+        if optimizer is not None:
+            try:
+                params.update(params_of(optimizer.get_config(), "optimizer/"))
+            except Exception:  # an optimizer whose config cannot be read: skip it
+                pass
+        if params:
+            run.hparams(params)
+        run.status("running")
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        step = self.step
+        self.step += 1
+        if self._update_freq == "epoch" or not logs:
+            return
+        assert isinstance(self._update_freq, int)
+        if step % self._update_freq:
+            return
+        metrics = metrics_of(logs)
+        if metrics:
+            self._open().log(metrics, step)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        run = self._open()
+        metrics = metrics_of(logs or {}, "epoch/")
+        if metrics:
+            run.log(metrics, self.step)
+        run.status("running", epoch=int(epoch) + 1)
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self.run is None:
+            return
+        self.run.finish()
+        self.run.flush()
+
+    def close(self) -> None:
+        """Flush and close the run (releasing the embedded server)."""
+        if self.run is not None:
+            self.run.close()
