@@ -1,0 +1,226 @@
+"""
+Benchmark: how much logging slows a real training loop, that of
+``examples/train_torch.py`` (a small MLP on CPU, batch 128), logging three
+scalars per step (``train/loss``, ``train/acc``, ``lr``) with:
+
+- ``none``: no logging (the baseline);
+- ``embedded``: trainstream's embedded server, one ``run.log({...3})`` per step;
+- ``remote``: ``trainstream.client.Publisher`` to a ``twistd trainstream``
+  subprocess (another process on this machine), one ``log`` per step;
+- ``ts-writer``: trainstream's drop-in ``SummaryWriter`` (remote), 3 ``add_scalar``;
+- ``torch-tb``: ``torch.utils.tensorboard.SummaryWriter``, 3 ``add_scalar``;
+- ``tensorboardX``: ``tensorboardX.SummaryWriter``, 3 ``add_scalar``.
+
+All in one process run; the modes are interleaved, round by round, so they
+share the machine's noise. A step's time runs from one step's end to the
+next's, logging included. The flush/close after each loop is timed apart
+(it is not part of the loop). torch runs on one thread by default
+(``--threads``), which makes step times stable on a shared machine.
+It prints figures and never fails on speed::
+
+    PYTHONPATH=. .venv/bin/python bench/overhead.py [--steps 2000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from _common import REPO_ROOT, machine_lines, percentile, source_lines, use_tree
+
+use_tree()
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+
+import torch  # noqa: E402
+import train_torch  # noqa: E402
+
+import trainstream  # noqa: E402
+from trainstream.client import Publisher  # noqa: E402
+from trainstream.integrations.tensorboard import SummaryWriter  # noqa: E402
+
+Log = Callable[[int, float, float, float], None]
+MODES = ["none", "embedded", "remote", "ts-writer", "torch-tb", "tensorboardX"]
+
+
+@contextmanager
+def logger(mode: str, name: str, env: dict[str, Any]) -> Iterator[tuple[Log, list[Any]]]:
+    """The per-step log function of a mode, and (filled on exit) the close time."""
+    closing: list[Any] = []
+    log: Log
+    if mode == "none":
+
+        def log(step: int, loss: float, acc: float, lr: float) -> None:
+            pass
+
+        yield log, closing
+        return
+    if mode in ("embedded", "remote"):
+        run: Any = (
+            env["server"].run(name)
+            if mode == "embedded"
+            else Publisher(env["url"], name, flush_at_exit=0)
+        )
+        run.status("running")
+
+        def log(step: int, loss: float, acc: float, lr: float) -> None:
+            run.log({"train/loss": loss, "train/acc": acc, "lr": lr}, step)
+
+        yield log, closing
+        t0 = time.perf_counter()
+        run.finish()
+        if mode == "embedded":
+            run.flush()
+        elif not run.close(60):
+            raise SystemExit(f"remote: not everything was stored: {run.last_error}")
+        closing.append(time.perf_counter() - t0)
+        return
+    if mode == "ts-writer":
+        writer: Any = SummaryWriter(url=env["url"], run=name)
+    elif mode == "torch-tb":
+        from torch.utils.tensorboard import SummaryWriter as TorchWriter
+
+        writer = TorchWriter(log_dir=str(Path(env["tmp"]) / name))
+    else:
+        from tensorboardX import SummaryWriter as XWriter
+
+        writer = XWriter(logdir=str(Path(env["tmp"]) / name))
+    add = writer.add_scalar
+
+    def log(step: int, loss: float, acc: float, lr: float) -> None:
+        add("train/loss", loss, step)
+        add("train/acc", acc, step)
+        add("lr", lr, step)
+
+    yield log, closing
+    t0 = time.perf_counter()
+    writer.close()
+    closing.append(time.perf_counter() - t0)
+
+
+class Loop:
+    """One loop's figures, in ms: wall time of each step, CPU per step, flush/close after."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.thread_cpu = 0.0
+        self.process_cpu = 0.0
+        self.close = 0.0
+
+
+def measure(mode: str, steps: int, name: str, env: dict[str, Any]) -> Loop:
+    """One loop of ``steps`` training steps logged by ``mode``."""
+    loop = Loop()
+    times = loop.times
+    with logger(mode, name, env) as (log, closing):
+        last = [0.0]
+
+        def timed(step: int, loss: float, acc: float, lr: float) -> None:
+            log(step, loss, acc, lr)
+            now = time.perf_counter()
+            if step:
+                times.append((now - last[0]) * 1000.0)
+            last[0] = now
+
+        gc.collect()
+        thread0, process0 = time.thread_time(), time.process_time()
+        last[0] = time.perf_counter()
+        train_torch.train(steps, timed)
+        loop.thread_cpu = (time.thread_time() - thread0) * 1000.0 / steps
+        loop.process_cpu = (time.process_time() - process0) * 1000.0 / steps
+    loop.close = closing[0] * 1000.0 if closing else 0.0
+    return loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    torch.set_num_threads(args.threads)
+
+    from _stream import ServerProcess
+
+    for line in machine_lines():
+        print(line)
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} thread(s))")
+    for line in source_lines(trainstream.__file__):
+        print(line)
+    print(f"{args.steps} steps x {args.rounds} rounds, modes interleaved: {', '.join(modes)}")
+
+    remote = ServerProcess()
+    tmp = tempfile.TemporaryDirectory(prefix="trainstream-overhead-")
+    server = trainstream.get_stream_server({"listen": "tcp:0:interface=127.0.0.1", "memory": True})
+    env = {"server": server, "url": remote.urls["rest"], "tmp": tmp.name}
+    loops: dict[str, list[Loop]] = {m: [] for m in modes}
+    try:
+        measure("none", min(args.steps, 300), "warmup", env)
+        for r in range(args.rounds):
+            for mode in modes:
+                loops[mode].append(measure(mode, args.steps, f"overhead-{mode}-{r}", env))
+            print(
+                f"  round {r + 1}: median ms/step "
+                + ", ".join(f"{m}={statistics.median(loops[m][-1].times):.3f}" for m in modes),
+                flush=True,
+            )
+    finally:
+        trainstream.release_stream_server()
+        code = remote.stop()
+        tmp.cleanup()
+    report(loops, modes)
+    problems = remote.problems()
+    print(f"  twistd exited {code} (-15: our SIGTERM); server log problems: {len(problems)}")
+    for line in problems[:5]:
+        print("   ", line)
+
+
+def report(loops: dict[str, list[Loop]], modes: list[str]) -> None:
+    """One line per mode; ratios are to the first mode (``none``)."""
+    rows = {}
+    for mode in modes:
+        pooled = [t for loop in loops[mode] for t in loop.times]
+        rows[mode] = (
+            statistics.median(pooled),
+            min(statistics.median(loop.times) for loop in loops[mode]),
+            statistics.mean(pooled),
+            statistics.median(loop.thread_cpu for loop in loops[mode]),
+            statistics.median(loop.process_cpu for loop in loops[mode]),
+            percentile(pooled, 90),
+            statistics.median(loop.close for loop in loops[mode]),
+        )
+    base = rows[modes[0]]
+    print()
+    print(f"  ms per step; (xN) = ratio to {modes[0]!r}, the slowdown of the training loop")
+    print(
+        f"  {'mode':<13} {'median':>15} {'best round':>15} {'mean':>15} "
+        f"{'train-thread CPU':>17} {'process CPU':>15} {'p90':>7}  close"
+    )
+    for mode in modes:
+        row = rows[mode]
+        cells = [f"{row[i]:6.3f} (x{row[i] / base[i]:4.2f})" for i in range(5)]
+        print(
+            f"  {mode:<13} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17} "
+            f"{cells[4]:>15} {row[5]:7.3f}  {row[6]:.1f} ms"
+        )
+    print(
+        "  median/best round/mean: wall time per step, logging included; "
+        "train-thread CPU: the training thread's own CPU time;"
+    )
+    print(
+        "  process CPU: all threads of this process (a remote server's CPU is not counted); "
+        "close: flush/close after the loop."
+    )
+
+
+if __name__ == "__main__":
+    main()
