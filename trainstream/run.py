@@ -28,15 +28,22 @@ class Inbox:
 
     ``put`` appends and wakes the reactor only if no wake-up is pending;
     ``drain`` clears the flag *before* emptying the queue, so an event put
-    while it runs is either taken now or triggers a new wake-up.
+    while it runs is either taken now or triggers a new wake-up. With
+    ``later`` (``lambda f: reactor.callLater(delay, f)``), the reactor
+    publishes ``delay`` after the wake-up, so a training loop of short steps
+    hands it one batch per ``delay`` instead of one per step (the reactor's
+    work competes with the training thread for the GIL).
     """
 
     def __init__(
         self,
         call_from_thread: Callable[[Callable[[], None]], object],
         sink: Callable[[list[Event]], object],
+        later: Callable[[Callable[[], None]], Any] | None = None,
     ) -> None:
         self._call_from_thread = call_from_thread
+        self._later = later
+        self._delayed: Any = None
         self._sink = sink
         self._queue: deque[list[Event]] = deque()
         self._scheduled = False
@@ -47,10 +54,16 @@ class Inbox:
         if not self._scheduled:
             self._scheduled = True
             self.wakeups += 1
-            self._call_from_thread(self.drain)
+            self._call_from_thread(self.drain if self._later is None else self._drain_later)
+
+    def _drain_later(self) -> None:
+        self._delayed = self._later(self.drain) if self._later is not None else None
 
     def drain(self) -> None:
         """Publish everything queued so far (reactor thread only)."""
+        delayed, self._delayed = self._delayed, None
+        if delayed is not None and delayed.active():
+            delayed.cancel()  # drained now (flush, stop): no need to later
         self._scheduled = False
         batch: list[Event] = []
         queue = self._queue

@@ -53,6 +53,8 @@ from trainstream.web.ws import StreamSession
 _log = Logger()
 
 _DONE = Failure(ConnectionDone())
+# run.log() batches reach the hub at most this long after they are logged.
+_INBOX_DELAY = 0.05
 
 
 class TrackedConnection(ProtocolWrapper):
@@ -282,7 +284,11 @@ class StreamServer(MultiService):
                 ).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.hub = Hub(self.store, Limits())
         self.clients = Clients()
-        self.inbox = Inbox(lambda f: self.reactor.callFromThread(f), self.hub.publish)
+        self.inbox = Inbox(
+            lambda f: self.reactor.callFromThread(f),
+            self.hub.publish,
+            lambda f: self.reactor.callLater(_INBOX_DELAY, f),
+        )
         self.site = build_site(self)
         self.listeners: list[Listener] = []
         self._started_at = time.monotonic()
