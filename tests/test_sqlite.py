@@ -367,3 +367,29 @@ class SQLiteHistoryRestTests(TestCase):
             self.assertEqual([p[:2] for p in body["points"]], [[31_337, 1000.0], [40_000, -5.0]])
 
         return Deferred.fromCoroutine(go())
+
+
+class WriterProcessTests(TestCase):
+    def test_writes_in_a_process_of_its_own_and_says_when_it_dies(self) -> Deferred[None]:
+        """The rows are written by a child process; if it dies, acks fail clearly."""
+        path = self.mktemp() + ".sqlite3"
+
+        async def go() -> None:
+            store = SQLiteStore(path, reactor.callFromThread)
+            self.addCleanup(store.close)
+            child = store._child
+            self.assertNotEqual(child.pid, os.getpid())
+            hub = Hub(store)
+            hub.publish([log(i) for i in range(10)])
+            await store.sync()
+            child.kill()
+            child.wait(10)
+            hub.publish([log(11)])
+            with self.assertRaises(StoreError) as e:
+                await store.sync()
+            self.assertIn("writer process", str(e.exception))
+            self.assertIn(path, str(e.exception))
+            with self.assertRaises(StoreError):
+                hub.publish([log(12)])
+
+        return Deferred.fromCoroutine(go())

@@ -28,8 +28,11 @@ import itertools
 import json
 import math
 import os
+import pickle
 import queue
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -42,9 +45,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+import trainstream
 from trainstream.errors import StoreError
 from trainstream.store import Point, Record, SeriesSummary, downsample, rollup
 from trainstream.store.memory import records_after
+from trainstream.store.writer import connect
 
 _log = Logger()
 
@@ -132,11 +137,13 @@ def _add_rows(
         summary[7] = r.id
 
 
-def _points(
-    rows: Sequence[tuple[Any, ...]],
-) -> list[tuple[str, str, int, int, float | None, float]]:
-    """The metric rows of a batch as rollup points: (run, name, segment, step, value, time)."""
-    return [(r[2], r[3], r[8], r[4], r[5], r[6]) for r in rows if r[1] == "metric"]
+def _rows_op(
+    rows: list[tuple[Any, ...]], series: dict[tuple[str, str], list[Any]], last: int
+) -> tuple[Any, ...]:
+    """One insert op for the writer process; empties ``series`` for the next."""
+    op = ("rows", rows, [(*k, *v) for k, v in series.items()], last)
+    series.clear()
+    return op
 
 
 def _record(row: tuple[int, str, str, str | None, str]) -> Record:
@@ -173,16 +180,6 @@ class _Lock:
         if self.fd >= 0:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = -1
-
-
-def _connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode: a commit survives the process being killed (the OS
-    # has the WAL); only a power loss may take the last commits.
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    return db
 
 
 def _migrate(db: sqlite3.Connection, path: str) -> None:
@@ -234,7 +231,7 @@ class SQLiteStore:
         except OSError as e:
             raise StoreError(f"cannot open history file {path}: {e.strerror}") from None
         try:
-            self._db = _connect(path)
+            self._db = connect(path)
             _migrate(self._db, path)
         except sqlite3.DatabaseError as e:
             self._lock.release()
@@ -256,8 +253,19 @@ class SQLiteStore:
         self._trims: list[Deferred[int]] = []
         self._now: Callable[[], float] = time.time
         self._closed = False
+        # The writer runs in a process of its own (see writer.py); this
+        # thread feeds it. The package is found there as it is here.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(trainstream.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "trainstream.store.writer", os.path.abspath(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
         self._writer = threading.Thread(
-            target=self._write_loop, args=(_connect(path),), name="trainstream-sqlite", daemon=True
+            target=self._write_loop, name="trainstream-sqlite", daemon=True
         )
         self._writer.start()
 
@@ -275,7 +283,7 @@ class SQLiteStore:
         if not records:
             return
         if self._failure is not None:
-            raise StoreError(f"history file {self.path} cannot be written: {self._failure}")
+            raise StoreError(str(self._failure))
         self._cache.extend(records)
         self._last_id = records[-1].id
         self._appended = self._last_id
@@ -284,7 +292,11 @@ class SQLiteStore:
     def sync(self) -> Deferred[None]:
         """Fires once everything appended so far is committed."""
         if self._failure is not None:
-            return fail(StoreError(f"history file {self.path} cannot be written: {self._failure}"))
+            return fail(
+                self._failure
+                if isinstance(self._failure, StoreError)
+                else StoreError(f"history file {self.path} cannot be written: {self._failure}")
+            )
         if self._committed >= self._appended:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -477,21 +489,14 @@ class SQLiteStore:
 
     # The writer thread
 
-    def _write_loop(self, db: sqlite3.Connection) -> None:
-        insert = (
-            "INSERT INTO events (id, type, run, name, step, value, time, json, segment) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )
-        upsert_series = (
-            "INSERT INTO series (run, name, segment, last_step, count, min, max, last_value, "
-            "last_time, last_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (run, name) DO UPDATE SET segment = excluded.segment, "
-            "last_step = excluded.last_step, count = count + excluded.count, "
-            "min = MIN(COALESCE(min, excluded.min), COALESCE(excluded.min, min)), "
-            "max = MAX(COALESCE(max, excluded.max), COALESCE(excluded.max, max)), "
-            "last_value = excluded.last_value, last_time = excluded.last_time, "
-            "last_id = excluded.last_id"
-        )
+    def _write_loop(self) -> None:
+        """
+        The writer thread: batches what has queued up into ready rows and
+        hands them to the writer process (``writer.py``), one transaction at
+        a time, then tells the reactor how far the file got.
+        """
+        child = self._child
+        assert child.stdin is not None and child.stdout is not None
         series: dict[tuple[str, str], list[Any]] = {}
         stop = False
         while not stop:
@@ -501,97 +506,63 @@ class SQLiteStore:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            ops: list[tuple[Any, ...]] = []
+            trims: list[tuple[float | None, int | None]] = []
+            rows: list[tuple[Any, ...]] = []
             last = 0
-            try:
-                db.execute("BEGIN")
-                rows: list[tuple[Any, ...]] = []
-                for item in items:  # in queue order: a delete after inserts sees them
-                    if item is _STOP:
-                        stop = True
-                    elif isinstance(item, tuple) and item[0] == "trim":
-                        pass  # after this transaction
-                    elif isinstance(item, tuple):
-                        if rows:
-                            db.executemany(insert, rows)
-                            rollup.update(db, _points(rows))
-                            rows = []
-                        if series:
-                            db.executemany(upsert_series, [(*k, *v) for k, v in series.items()])
-                            series.clear()
-                        db.execute("DELETE FROM events WHERE run = ?", (item[1],))
-                        db.execute("DELETE FROM series WHERE run = ?", (item[1],))
-                        rollup.delete_run(db, item[1])
-                    else:
-                        _add_rows(item, rows, series)
-                        last = item[-1].id
-                if rows:
-                    db.executemany(insert, rows)
-                    rollup.update(db, _points(rows))
-                if series:
-                    db.executemany(upsert_series, [(*k, *v) for k, v in series.items()])
-                    series.clear()
-                if last:
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'last_id'", (str(last),))
-                db.execute("COMMIT")
-            except sqlite3.Error as e:
-                _log.error("history file {path}: write failed: {e}", path=self.path, e=e)
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                self._failure = e
+
+            for item in items:  # in queue order: a delete after inserts sees them
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, tuple) and item[0] == "trim":
+                    trims.append((item[1], item[2]))
+                elif isinstance(item, tuple):
+                    if rows:
+                        ops.append(_rows_op(rows, series, last))
+                        rows = []
+                    ops.append(item)
+                else:
+                    _add_rows(item, rows, series)
+                    last = item[-1].id
+            if rows:
+                ops.append(_rows_op(rows, series, last))
+            if not ops and not trims:
                 continue
-            if last:
-                self._call_from_thread(self._on_commit, last)
-            for item in items:
-                if isinstance(item, tuple) and item[0] == "trim":
-                    floor = self._trim(db, item[1], item[2])
-                    self._call_from_thread(self._on_trim, floor)
-        db.close()
-
-    def _trim(self, db: sqlite3.Connection, cutoff: float | None, limit: int | None) -> int:
-        """Writer thread: delete the oldest events past the retention; the new floor."""
-        chunk = 10_000
+            try:
+                pickle.dump((ops, trims), child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                child.stdin.flush()
+                committed, error, floors = pickle.load(child.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError) as e:
+                self._failure = StoreError(
+                    f"history file {self.path}: the writer process died ({e!r}); "
+                    "events since the last acknowledgement are not stored"
+                )
+                _log.error("history file {path}: writer process died: {e}", path=self.path, e=e)
+                self._call_from_thread(self._on_failure)
+                return
+            if error is not None:
+                _log.error("history file {path}: write failed: {e}", path=self.path, e=error)
+                self._failure = StoreError(f"history file {self.path}: write failed: {error}")
+                self._call_from_thread(self._on_failure)
+            if committed:
+                self._call_from_thread(self._on_commit, committed)
+            for floor in floors:
+                if floor != -1:
+                    self._call_from_thread(
+                        self._on_trim, self._committed + 1 if floor is None else floor
+                    )
         try:
-            if cutoff is not None:
-                while True:
-                    rows = db.execute(
-                        "SELECT id, time FROM events ORDER BY id LIMIT ?", (chunk,)
-                    ).fetchall()
-                    old = [i for i, t in itertools.takewhile(lambda r: r[1] < cutoff, rows)]
-                    if not old:
-                        break
-                    self._delete_through(db, old[-1])
-                    if len(old) < len(rows):
-                        break
-            if limit is not None:
-                page_size = db.execute("PRAGMA page_size").fetchone()[0]
-                for _ in range(10_000):  # bounded: each pass removes a chunk
-                    pages = db.execute("PRAGMA page_count").fetchone()[0]
-                    free = db.execute("PRAGMA freelist_count").fetchone()[0]
-                    used = (pages - free) * page_size
-                    if used <= limit:
-                        break
-                    low, high = db.execute("SELECT MIN(id), MAX(id) FROM events").fetchone()
-                    if low is None:
-                        break
-                    # Ids are dense: drop the share of them the excess is, a bit more.
-                    excess = (used - limit) / used
-                    n = min(chunk, max(100, int(excess * (high - low + 1) * 1.05) + 1))
-                    self._delete_through(db, min(high, low + n - 1))
-            oldest = db.execute("SELECT MIN(id) FROM events").fetchone()[0]
-            floor = int(oldest) if oldest is not None else self._committed + 1
-            return floor
-        except sqlite3.Error as e:
-            _log.error("history file {path}: retention failed: {e}", path=self.path, e=e)
-            return self._floor
+            pickle.dump(None, child.stdin)
+            child.stdin.close()
+        except OSError:
+            pass
+        child.wait(30)
 
-    @staticmethod
-    def _delete_through(db: sqlite3.Connection, last_id: int) -> None:
-        db.execute("BEGIN")
-        rollup.trim(db, last_id)  # deletes the events, repairs their rollups
-        db.execute("UPDATE meta SET value = ? WHERE key = 'floor'", (str(last_id + 1),))
-        db.execute("COMMIT")
+    def _on_failure(self) -> None:
+        """Reactor thread: nothing more will be committed; tell who waits."""
+        waiters, self._waiters = self._waiters, []
+        for _, d in waiters:
+            d.errback(self._failure or StoreError(f"history file {self.path} cannot be written"))
 
     def _on_commit(self, committed: int) -> None:
         """Reactor thread: the writer has committed every id up to ``committed``."""

@@ -1,0 +1,157 @@
+"""
+The SQLite writer, a process of its own (``python -m trainstream.store.writer PATH``).
+
+Inserting rows, keeping rollups and series summaries and committing is
+Python work that holds the GIL; in the server's process it competed with the
+reactor (ingest stopped near one core's worth for both). Here it runs on the
+other core. The server's writer thread sends batches of ready rows over a
+pipe and waits for the answer; the reactor thread never waits for either.
+
+Protocol (pickle frames, the parent is trusted): the parent sends ``(ops,
+trims)`` or ``None`` to stop; ``ops`` is a list of ``("rows", rows, series,
+last_id)`` and ``("delete", run)`` applied in order in one transaction,
+``trims`` a list of ``(cutoff_time, max_bytes)`` applied after it. The child
+answers ``(committed_last_id, error, floors)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import sqlite3
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from trainstream.store import rollup
+
+INSERT = (
+    "INSERT INTO events (id, type, run, name, step, value, time, json, segment) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+UPSERT_SERIES = (
+    "INSERT INTO series (run, name, segment, last_step, count, min, max, last_value, "
+    "last_time, last_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (run, name) DO UPDATE SET segment = excluded.segment, "
+    "last_step = excluded.last_step, count = count + excluded.count, "
+    "min = MIN(COALESCE(min, excluded.min), COALESCE(excluded.min, min)), "
+    "max = MAX(COALESCE(max, excluded.max), COALESCE(excluded.max, max)), "
+    "last_value = excluded.last_value, last_time = excluded.last_time, "
+    "last_id = excluded.last_id"
+)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives the process being killed (the OS
+    # has the WAL); only a power loss may take the last commits.
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def points(
+    rows: Sequence[tuple[Any, ...]],
+) -> list[tuple[str, str, int, int, float | None, float]]:
+    """The metric rows of a batch as rollup points: (run, name, segment, step, value, time)."""
+    return [(r[2], r[3], r[8], r[4], r[5], r[6]) for r in rows if r[1] == "metric"]
+
+
+def apply(db: sqlite3.Connection, ops: Sequence[tuple[Any, ...]]) -> int:
+    """Apply ``ops`` in one transaction; the last id committed (0 if none)."""
+    last = 0
+    db.execute("BEGIN")
+    try:
+        for op in ops:
+            if op[0] == "rows":
+                _, rows, series, last_id = op
+                db.executemany(INSERT, rows)
+                rollup.update(db, points(rows))
+                db.executemany(UPSERT_SERIES, series)
+                last = last_id
+            else:  # ("delete", run): after the inserts queued before it
+                run = op[1]
+                db.execute("DELETE FROM events WHERE run = ?", (run,))
+                db.execute("DELETE FROM series WHERE run = ?", (run,))
+                rollup.delete_run(db, run)
+        if last:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'last_id'", (str(last),))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return last
+
+
+def trim(db: sqlite3.Connection, cutoff: float | None, limit: int | None) -> int | None:
+    """Delete the oldest events past the retention; the new floor (None: empty)."""
+    chunk = 10_000
+    if cutoff is not None:
+        while True:
+            rows = db.execute(
+                "SELECT id, time FROM events ORDER BY id LIMIT ?", (chunk,)
+            ).fetchall()
+            old = [i for i, t in itertools.takewhile(lambda r: r[1] < cutoff, rows)]
+            if not old:
+                break
+            _delete_through(db, old[-1])
+            if len(old) < len(rows):
+                break
+    if limit is not None:
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        for _ in range(10_000):  # bounded: each pass removes a chunk
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            used = (pages - free) * page_size
+            if used <= limit:
+                break
+            low, high = db.execute("SELECT MIN(id), MAX(id) FROM events").fetchone()
+            if low is None:
+                break
+            # Ids are dense: drop the share of them the excess is, a bit more.
+            excess = (used - limit) / used
+            n = min(chunk, max(100, int(excess * (high - low + 1) * 1.05) + 1))
+            _delete_through(db, min(high, low + n - 1))
+    oldest = db.execute("SELECT MIN(id) FROM events").fetchone()[0]
+    return int(oldest) if oldest is not None else None
+
+
+def _delete_through(db: sqlite3.Connection, last_id: int) -> None:
+    db.execute("BEGIN")
+    rollup.trim(db, last_id)  # deletes the events, repairs their rollups
+    db.execute("UPDATE meta SET value = ? WHERE key = 'floor'", (str(last_id + 1),))
+    db.execute("COMMIT")
+
+
+def main(path: str) -> None:
+    db = connect(path)
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            message = pickle.load(source)
+        except EOFError:  # the server is gone: what it sent is committed
+            break
+        if message is None:
+            break
+        ops, trims = message
+        error: str | None = None
+        last = 0
+        try:
+            last = apply(db, ops)
+        except sqlite3.Error as e:
+            error = str(e)
+        floors: list[int | None] = []
+        for cutoff, limit in trims:
+            try:
+                floors.append(trim(db, cutoff, limit))
+            except sqlite3.Error as e:
+                error = f"retention: {e}"
+                floors.append(-1)
+        pickle.dump((last, error, floors), sink, protocol=pickle.HIGHEST_PROTOCOL)
+        sink.flush()
+    db.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
