@@ -63,6 +63,26 @@ class InboxTests(SynchronousTestCase):
             self.assertIn(field, str(e.exception))
         self.assertEqual(self.reactor.calls, [])
 
+    def test_fast_path_gives_the_same_events(self) -> None:
+        """Known names and plain numbers are queued as they are; the events are the same."""
+        self.run.log({"loss": 1.0, "acc": 2}, step=1, time_s=10.0)  # first: checked
+        metrics = {"loss": 0.5, "acc": float("nan")}
+        self.run.log(metrics, step=2, time_s=11.0)  # known names: the fast path
+        metrics["loss"] = 99.0  # the caller's dict may change afterwards
+        self.reactor.calls.pop()()
+        events = [r.event for r in self.hub.store.after(0, lambda r: True)]
+        self.assertEqual(
+            [(e["name"], e["step"], e["time"]) for e in events],
+            [("loss", 1, 10.0), ("acc", 1, 10.0), ("loss", 2, 11.0), ("acc", 2, 11.0)],
+        )
+        self.assertEqual(events[2]["value"], 0.5)
+        self.assertIn('"value":"NaN"', self.hub.store.after(3, lambda r: True)[0].json)
+        # A new name, or a value of another type, still goes through the checks.
+        with self.assertRaises(EventError):
+            self.run.log({"loss": 1.0, "bad name!": 1.0}, step=3)
+        with self.assertRaises(EventError):
+            self.run.log({"loss": "high"}, step=3)
+
     def test_special_values(self) -> None:
         self.run.log({"a": float("nan"), "b": "Infinity", "c": "-Infinity", "d": 3}, step=1)
         self.reactor.calls.pop()()

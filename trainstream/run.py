@@ -45,16 +45,19 @@ class Inbox:
         self._later = later
         self._delayed: Any = None
         self._sink = sink
-        self._queue: deque[list[Event]] = deque()
+        self._queue: deque[list[Event] | tuple[str, float, int, dict[str, Any]]] = deque()
         self._scheduled = False
         self.wakeups = 0
 
-    def put(self, events: list[Event]) -> None:
+    def put(self, events: list[Event] | tuple[str, float, int, dict[str, Any]]) -> None:
+        """Queue events, or ``(run, time, step, {name: number})`` (see ``put_metrics``)."""
         self._queue.append(events)
         if not self._scheduled:
             self._scheduled = True
             self.wakeups += 1
             self._call_from_thread(self.drain if self._later is None else self._drain_later)
+
+    put_metrics = put  # the tuple form, read as metric events by drain()
 
     def _drain_later(self) -> None:
         self._delayed = self._later(self.drain) if self._later is not None else None
@@ -68,7 +71,22 @@ class Inbox:
         batch: list[Event] = []
         queue = self._queue
         while queue:
-            batch.extend(queue.popleft())
+            item = queue.popleft()
+            if isinstance(item, tuple):
+                run, t, step, metrics = item
+                batch.extend(
+                    {
+                        "type": "metric",
+                        "run": run,
+                        "time": t,
+                        "name": name,
+                        "step": step,
+                        "value": value,
+                    }
+                    for name, value in metrics.items()
+                )
+            else:
+                batch.extend(item)
         if batch:
             self._sink(batch)
 
@@ -95,8 +113,19 @@ class Run:
             or value; nothing of this call is queued then.
         """
         t = time.time() if time_s is None else time_s
-        events = metric_events(self.name, metrics, step, t, self._checked_names)
-        self._inbox.put(events)
+        if type(step) is int and step >= 0 and type(metrics) is dict:
+            # The common call: known names, plain numbers. Queue them as they
+            # are (floats and ints are immutable); the reactor thread builds
+            # the events. Anything else takes the checking path below.
+            checked = self._checked_names
+            for name, value in metrics.items():
+                kind = type(value)
+                if (kind is not float and kind is not int) or name not in checked:
+                    break
+            else:
+                self._inbox.put_metrics((self.name, t, step, metrics.copy()))
+                return
+        self._inbox.put(metric_events(self.name, metrics, step, t, self._checked_names))
 
     def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
         """Queue a status event (``running``, ``paused``, ...)."""
