@@ -49,7 +49,6 @@ How TensorBoard's model maps onto trainstream:
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 from collections.abc import Mapping
@@ -57,21 +56,15 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from trainstream.events import MAX_NAME_LENGTH, MAX_RUN_LENGTH
+from trainstream.events import MAX_RUN_LENGTH
+from trainstream.integrations._target import sanitize
 
 if TYPE_CHECKING:
     from trainstream.client import Publisher
 
 __all__ = ["SummaryWriter", "sanitize"]
 
-_BAD = re.compile(r"[^A-Za-z0-9._:/\-]")
 _PARAM_TYPES = (str, int, float, bool, type(None))
-
-
-def sanitize(name: str, max_length: int = MAX_NAME_LENGTH) -> str:
-    """A TensorBoard tag or run name made valid for trainstream (see the module doc)."""
-    clean = _BAD.sub("_", str(name)).lstrip("/")[:max_length]
-    return clean or "_"
 
 
 class _Sink(Protocol):
