@@ -77,17 +77,27 @@ def rss_kb(pid: int) -> int:
 
 
 class ServerProcess:
-    """``twistd -n trainstream --memory`` on free loopback ports, from the working tree."""
+    """
+    ``twistd -n trainstream`` on free loopback ports, from the working tree;
+    ``--memory`` unless ``store`` says otherwise (``"--db", "{scratch}/h.db"``:
+    ``{scratch}`` is this server's temporary folder).
+    """
 
-    def __init__(self, extra: Sequence[str] = (), profile: bool = False) -> None:
-        self.scratch = Path(tempfile.mkdtemp(prefix="trainstream-bench-"))
+    def __init__(
+        self,
+        extra: Sequence[str] = (),
+        profile: bool = False,
+        store: Sequence[str] = ("--memory",),
+        prefix: str = "trainstream-bench-",
+    ) -> None:
+        self.scratch = Path(tempfile.mkdtemp(prefix=prefix))
         self.log_path = self.scratch / "twistd.log"
         self.profile_path = self.scratch / "server.pstats" if profile else None
         ports_file = self.scratch / "ports.json"
         command = [str(find_twistd()), "-n", "--pidfile="]
         if self.profile_path is not None:
             command += [f"--profile={self.profile_path}", "--profiler=cprofile", "--savestats"]
-        command += ["trainstream", "--memory"]
+        command += ["trainstream", *(a.format(scratch=self.scratch) for a in store)]
         for option in ("--sse", "--ws", "--rest"):
             command += [option, LISTEN]
         command += ["--ports-file", str(ports_file), *extra]

@@ -46,7 +46,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -55,8 +54,6 @@ from typing import Any
 from _common import machine_lines, percentile, summary_line
 from _stream import (
     CLK_TCK,
-    LISTEN,
-    START_DEADLINE_S,
     Client,
     RssWatch,
     ServerProcess,
@@ -68,7 +65,6 @@ from _stream import (
     raise_nofile,
     run_reactor,
 )
-from startup import child_env, find_twistd
 
 TARGET = 50_000.0
 NAMES = 10
@@ -83,39 +79,10 @@ _METRIC = b'"type":"metric"'
 class IngestServer(ServerProcess):
     """``twistd -n trainstream`` with ``--db SCRATCH/history.sqlite3`` or ``--memory``."""
 
-    # Replaces ServerProcess's start (which always passes --memory); its other methods stay.
     def __init__(self, store: str, profile: bool = False, extra: tuple[str, ...] = ()) -> None:
-        self.scratch = Path(tempfile.mkdtemp(prefix="trainstream-ingest-"))
-        self.log_path = self.scratch / "twistd.log"
-        self.profile_path = self.scratch / "server.pstats" if profile else None
+        store_args = ("--db", "{scratch}/history.sqlite3") if store == "db" else ("--memory",)
+        super().__init__(extra, profile, store_args, prefix="trainstream-ingest-")
         self.db_path = self.scratch / "history.sqlite3" if store == "db" else None
-        ports_file = self.scratch / "ports.json"
-        command = [str(find_twistd()), "-n", "--pidfile="]
-        if self.profile_path is not None:
-            command += [f"--profile={self.profile_path}", "--profiler=cprofile", "--savestats"]
-        command += ["trainstream"]
-        command += ["--db", str(self.db_path)] if self.db_path is not None else ["--memory"]
-        for option in ("--sse", "--ws", "--rest"):
-            command += [option, LISTEN]
-        command += ["--ports-file", str(ports_file), *extra]
-        self.command = command
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                command,
-                cwd=self.scratch,
-                env=child_env(True, self.scratch),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_DEADLINE_S
-        while not ports_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"twistd did not start; its output:\n{self.log_text()[-2000:]}")
-            time.sleep(0.01)
-        time.sleep(0.05)  # the file may be seen before its content is flushed
-        self.urls: dict[str, str] = json.loads(ports_file.read_text(encoding="utf-8"))
 
     def threads_cpu(self) -> dict[int, float]:
         """CPU seconds per thread (tid -> user + system) so far."""
