@@ -12,7 +12,6 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer, noLongerProvides
 
 from trainstream._version import __version__
@@ -85,8 +84,13 @@ class StreamSession(WebSocketServerProtocol):
         # interfaces; on TLS Autobahn then asks it for a TLS channel id it
         # cannot give. The session needs no channel binding: say it is plain.
         transport = self.transport
-        if ISSLTransport.providedBy(transport) and not isinstance(transport, TLSMemoryBIOProtocol):
-            noLongerProvides(transport, ISSLTransport)
+        if ISSLTransport.providedBy(transport):
+            # Imported only here: TLS needs pyOpenSSL (the ``tls`` extra),
+            # which a plain install does not have.
+            from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+            if not isinstance(transport, TLSMemoryBIOProtocol):
+                noLongerProvides(transport, ISSLTransport)
         super().connectionMade()  # type: ignore[no-untyped-call]
 
     def onOpen(self) -> None:
