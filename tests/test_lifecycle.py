@@ -5,8 +5,16 @@ release returns, even for a bind without SO_REUSEADDR.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import socket
+import struct
+import termios
 import threading
+import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -14,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -34,10 +43,100 @@ from trainstream.errors import (
     TrainstreamError,
 )
 from trainstream.manager import StreamServerManager
+from trainstream.service import StreamServer
 
 
 def d(coro: Any) -> Deferred[Any]:
     return Deferred.fromCoroutine(coro)
+
+
+def publish_answer_of(server: StreamServer, megabytes: float) -> int:
+    """
+    Publish log events worth about ``megabytes`` of ``/api/events`` answer,
+    at most 10,000 (one page); returns the id just before the first.
+    """
+    size = min(int(megabytes * 1024 * 1024 / 10_000) - 70, 60_000)
+    event = {"type": "log", "run": "r", "time": 1.0, "level": "info", "message": "x" * size}
+    _, first, _ = server.hub.publish([dict(event) for _ in range(10_000)])
+    return first - 1
+
+
+def stalled_get(port: int, request: bytes) -> socket.socket:
+    """
+    Send ``request`` from a socket with a small receive buffer that never
+    reads (a plain blocking socket: connecting to a listening loopback port
+    and sending one short request need no reactor turn).
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    s.sendall(request)
+    return s
+
+
+def received(s: socket.socket) -> int:
+    """Bytes waiting, unread, in the receive queue of ``s``."""
+    return int(struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+def twisted_buffered(server: StreamServer) -> int:
+    """Bytes Twisted itself still holds for the open connections of ``server``."""
+    return sum(
+        len(w.transport.dataBuffer) - w.transport.offset + w.transport._tempDataLen
+        for listener in server.listeners
+        for w in listener.factory.protocols
+    )
+
+
+def handed_to_kernel(server: StreamServer, clients: list[socket.socket]) -> bool:
+    """Every client has the start of its answer, and Twisted holds none of it any more."""
+    return all(received(c) > 0 for c in clients) and twisted_buffered(server) == 0
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    """Wait, looking every 10 ms, for ``condition``; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await deferLater(reactor, 0.01)
+
+
+def read_answer(s: socket.socket) -> tuple[bytes, str]:
+    """
+    Read ``s`` (in a thread) to the end of its answer: everything received,
+    and how it ended: "closed" by the server, or "complete" when the client
+    knows it has the whole (chunked) HTTP/1.1 answer, or the socket error.
+    """
+    s.settimeout(10)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data, "closed"
+            data += chunk
+            if data.startswith(b"HTTP/1.1") and data.endswith(b"\r\n0\r\n\r\n"):
+                return data, "complete"
+    except OSError as e:
+        return data, errno.errorcode.get(e.errno or 0, str(e))
+
+
+def events_in(answer: bytes) -> int:
+    """How many events a whole ``/api/events`` answer holds (0 if cut short)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        chunks = []
+        while body:
+            size, _, body = body.partition(b"\r\n")
+            chunks.append(body[: int(size, 16)])
+            body = body[int(size, 16) + 2 :]
+        body = b"".join(chunks)
+    try:
+        return len(json.loads(body)["events"])
+    except ValueError:
+        return 0
 
 
 class ReleaseFreesPortsTests(TestCase):
@@ -159,6 +258,89 @@ class ReleaseFreesPortsTests(TestCase):
                 await client.lost
             await self.manager.release()
             self.assertEqual([plain_bind(p) for p in ports], [None, None, None])
+
+        return d(go())
+
+    async def never_reading_cycles(self, requests: Callable[[StreamServer], list[bytes]]) -> None:
+        """
+        Five cycles: each request from a client that never reads, the answers
+        handed to the kernel (Twisted's own buffer empty), then a release;
+        after it all three ports bind at once without SO_REUSEADDR.
+        """
+        ports = (free_port(), free_port(), free_port())
+        failures: list[str] = []
+        for cycle in range(5):
+            server = await self.manager.acquire(config_on(ports))
+            clients = [stalled_get(ports[2], r) for r in requests(server)]
+            for c in clients:
+                self.addCleanup(c.close)
+            await until(partial(handed_to_kernel, server, clients), "answers in the kernel")
+            await self.manager.release()
+            for port in ports:
+                error = plain_bind(port)
+                if error is not None:
+                    failures.append(f"cycle {cycle}: port {port}: {error}")
+            for c in clients:
+                c.close()  # (a reset, with unread data: frees what a bug left behind)
+        self.assertEqual(failures, [])
+
+    def test_client_that_never_reads_a_large_answer(self) -> Deferred[None]:
+        """
+        An HTTP/1.0 client asks for a 1.5 MB answer and never reads: all of it
+        fits in the kernel's send queue, so a plain close would queue our FIN
+        behind it and the closed socket would hold the port in FIN-WAIT-1.
+        """
+
+        def requests(server: StreamServer) -> list[bytes]:
+            first = publish_answer_of(server, 1.5)
+            return [f"GET /api/events?after={first}&limit=10000 HTTP/1.0\r\n\r\n".encode()]
+
+        return d(self.never_reading_cycles(requests))
+
+    def test_client_that_never_reads_a_small_answer(self) -> Deferred[None]:
+        """
+        HTTP/1.0 clients that never read a small answer nor close: our FIN is
+        taken at once, and a closed socket would hold the port in FIN-WAIT-2.
+        """
+
+        def requests(server: StreamServer) -> list[bytes]:
+            return [
+                b"GET /api/health HTTP/1.0\r\n\r\n",
+                b"GET /api/events?after=0&limit=20000 HTTP/1.0\r\n\r\n",  # a 400
+            ]
+
+        return d(self.never_reading_cycles(requests))
+
+    def test_slow_readers_get_the_whole_answer(self) -> Deferred[None]:
+        """
+        A close waits for the data, not for a clock: clients that start to
+        read a 1.5 MB answer only well after the close grace still get all of
+        it, ended by our close (HTTP/1.0) or by the client (Connection: close).
+        """
+
+        async def go() -> None:
+            server = await self.manager.acquire({**ANY_PORTS, "close_timeout": 0.2})
+            port = server.listeners[2].port_number
+            assert port is not None
+            first = publish_answer_of(server, 1.5)
+            path = f"/api/events?after={first}&limit=10000"
+            old = stalled_get(port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            new = stalled_get(
+                port,
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode(),
+            )
+            for c in (old, new):
+                self.addCleanup(c.close)
+            await until(partial(handed_to_kernel, server, [old, new]), "answers in the kernel")
+            # The clients read late: five close graces after the answers were done.
+            await deferLater(reactor, 1.0)
+            (old_answer, old_end), (new_answer, new_end) = [
+                await deferToThread(read_answer, c) for c in (old, new)
+            ]
+            self.assertEqual((events_in(old_answer), old_end), (10_000, "closed"))
+            self.assertEqual((events_in(new_answer), new_end), (10_000, "complete"))
+            new.close()  # the client that asked for close closes first
+            await self.manager.release()
 
         return d(go())
 

@@ -62,28 +62,34 @@ class TrackedConnection(ProtocolWrapper):
     One connection on a listener: the transport the HTTP channel (and later
     the WebSocket session) writes to.
 
-    When the HTTP channel closes after a non-persistent HTTP/1.1 response
-    (the client sent ``Connection: close``), the client knows where the
-    response ends and closes by itself; we let it close first, so the
-    TIME_WAIT is the client's and not on our port. A client that does not
-    close within ``close_grace`` seconds is reset once our data is flushed.
+    A close never puts our FIN behind data the peer has not taken: once
+    closed, the socket of a peer that does not read stays in FIN-WAIT-1, out
+    of our reach, holding the port long after ``stop``. So a closing
+    connection stays open, and tracked, until everything we wrote has
+    reached the peer. Then the client of a non-persistent HTTP/1.1 response
+    (``Connection: close``), which knows where the answer ends, closes
+    first, so the TIME_WAIT is the client's; it gets ``close_grace``
+    seconds. Any other answer (HTTP/1.0) ends with our FIN, a half-close that
+    keeps the socket ours; that peer gets ``stall_timeout`` seconds. Then,
+    or when a peer takes nothing of ours for ``stall_timeout`` seconds, the
+    connection is reset (RST: nothing left on our port); ``stop`` resets
+    whatever is left at once (``reset_when_flushed``).
     """
 
     factory: TrackingFactory
     peer_closes_first = False  # set per request by web.site.TrackingSite
+    stall_timeout = 60.0  # as Twisted's HTTP idle timeout
     _close_call: Any = None
-    _deadline = 0.0
+    _deadline = float("inf")
+    _resetting = False
+    _unsent = -1  # at the last look
+    _progress_at = 0.0  # when the peer last took some of it
 
     def loseConnection(self) -> None:
         if self.disconnecting:
             return
         self.disconnecting = 1
-        if not self.peer_closes_first:
-            self._transport().loseConnection()
-            return
-        self._close_call = self.factory.reactor.callLater(
-            self.factory.close_grace, self._force_close
-        )
+        self._watch(0.001)
 
     def reset_when_flushed(self, within: float) -> None:
         """
@@ -93,34 +99,50 @@ class TrackedConnection(ProtocolWrapper):
         first meanwhile just closes.
         """
         self.disconnecting = 1
-        if self._close_call is not None and self._close_call.active():
-            self._close_call.cancel()  # a wait for the peer to close first
+        self._resetting = True
+        self._deadline = min(self._deadline, self.factory.reactor.seconds() + within)
         transport = self._transport()
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()  # nothing more is produced
-        self._deadline = self.factory.reactor.seconds() + within
-        self._check_flushed(0.001)
+        self._watch(0.001)
 
-    def _check_flushed(self, wait: float) -> None:
+    def _watch(self, wait: float) -> None:
+        """Close, or reset, as soon as the peer has taken everything we wrote."""
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()  # e.g. a wait for the peer to close first
         self._close_call = None
         transport = self._transport()
         if not getattr(transport, "connected", False):
             return
         reactor = self.factory.reactor
-        if _flushed(transport) or reactor.seconds() >= self._deadline:
+        now = reactor.seconds()
+        unsent = _unsent(transport)
+        if unsent != self._unsent:
+            self._unsent, self._progress_at = unsent, now
+        if unsent == 0 and self._resetting:
+            transport.abortConnection()
+        elif unsent == 0:
+            wait_for_peer = self.factory.close_grace
+            if not self.peer_closes_first:
+                # The end of an answer only our close delimits (HTTP/1.0).
+                if isinstance(transport, ProtocolWrapper):
+                    transport.loseConnection()  # TLS: its close_notify first
+                else:
+                    transport.loseWriteConnection()
+                wait_for_peer = self.stall_timeout
+            self._close_call = reactor.callLater(
+                wait_for_peer, self.reset_when_flushed, self.factory.close_grace
+            )
+        elif now >= self._deadline or now - self._progress_at >= self.stall_timeout:
             transport.abortConnection()
         else:
             # Look again soon, then less often: a peer that does not read
             # should cost next to nothing while it is given its time.
-            self._close_call = reactor.callLater(wait, self._check_flushed, min(wait * 2, 0.25))
+            self._close_call = reactor.callLater(wait, self._watch, min(wait * 2, 0.25))
 
     def close_within(self, seconds: float) -> None:
         """Close once our data has reached the peer, or reset after ``seconds``."""
         self.reset_when_flushed(seconds)
-
-    def _force_close(self) -> None:
-        self._close_call = None
-        self.reset_when_flushed(self.factory.close_grace)
 
     def _transport(self) -> Any:
         return self.transport
@@ -167,13 +189,17 @@ class TrackingFactory(WrappingFactory):
         return d
 
 
-def _flushed(transport: Any) -> bool:
+def _unsent(transport: Any) -> int:
     """
-    Has everything written reached the peer? Twisted's buffer is empty and,
-    where the system tells (Linux ``TIOCOUTQ``), the kernel's send queue too.
+    Bytes written that have not reached the peer: in Twisted's buffer and,
+    where the system tells (Linux ``TIOCOUTQ``: sent but not acknowledged,
+    a FIN counting one), in the kernel's send queue. 0: all flushed.
     """
-    if len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0):
-        return False
+    unsent = int(
+        len(getattr(transport, "dataBuffer", b""))
+        - getattr(transport, "offset", 0)
+        + getattr(transport, "_tempDataLen", 0)
+    )
     sock = getattr(transport, "socket", None)
     if (
         isinstance(sock, socket.socket)
@@ -183,9 +209,9 @@ def _flushed(transport: Any) -> bool:
         try:
             queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         except OSError:
-            return True
-        return bool(struct.unpack("i", queued)[0] == 0)
-    return True
+            return unsent
+        unsent += int(struct.unpack("i", queued)[0])
+    return unsent
 
 
 @define
@@ -293,6 +319,7 @@ class StreamServer(MultiService):
         self.listeners: list[Listener] = []
         self._started_at = time.monotonic()
         self._starting: Deferred[StreamServer] | None = None
+        self._start_error: BaseException | None = None
         self._stop_waiters: list[Deferred[None]] = []
         self.runs = RunsService(self.hub, self.reactor, self.config.stall_after)
         self.runs.setServiceParent(self)  # type: ignore[no-untyped-call]
@@ -337,8 +364,12 @@ class StreamServer(MultiService):
             try:
                 port = await endpoint.listen(factory)
             except (CannotListenError, OSError) as e:
+                error = _listen_error(role, description, e)
+                # Said now, before the ports bound so far are closed (which
+                # takes a reactor turn): twistd reads it synchronously.
+                self._start_error = error
                 await self._unbind(bound)
-                raise _listen_error(role, description, e) from None
+                raise error from None
             bound.append(Listener(role, description, factory, port))
         self.listeners = bound
         self._started_at = time.monotonic()
@@ -421,6 +452,7 @@ class StreamServer(MultiService):
     # twistd integration: twistd calls these; embedded code uses start/stop.
 
     def privilegedStartService(self) -> None:
+        self._start_error = None
         d = self.start()
         failures: list[BaseException] = []
 
@@ -428,10 +460,13 @@ class StreamServer(MultiService):
             failures.append(f.value or Exception(f.getErrorMessage()))
 
         d.addErrback(failed)
-        if failures:
-            # Binding is synchronous for TCP and UNIX endpoints: say why, and
-            # exit, instead of running a server with no ports.
-            raise SystemExit(f"trainstream: {failures[0]}")
+        error = failures[0] if failures else self._start_error
+        if error is not None:
+            # Binding is synchronous for TCP, SSL and UNIX endpoints, for
+            # every listener: whichever one fails, say why and exit, instead
+            # of running a server with no ports. (The ports bound before it
+            # close as the process exits.)
+            raise SystemExit(f"trainstream: {error}")
 
     def startService(self) -> None:
         if self._starting is None:
