@@ -3,7 +3,8 @@ The dashboard at ``/``: its files as the server sends them, and the page
 itself in a real headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, driven by Selenium) against real servers: history
 and live points, a run that starts after the page opened, a rewind, a
-token, and a server restart on the same port with a persistent history.
+token, a server restart on the same port with a persistent history, and
+what a reader sees: y labels, long run names and legend values.
 
 Selenium blocks, so every browser call runs in a thread (``deferToThread``)
 while the server runs in the trial reactor or in a ``twistd`` child.
@@ -128,6 +129,22 @@ class Browser:
         self.driver.save_screenshot(path)
         print(f"\nscreenshot: {path}")
         return path
+
+    def element_screenshot(self, script: str, path: str) -> str:
+        """Save a picture of the element ``script`` returns (a closer look than the page)."""
+        self.js(script).screenshot(path)
+        print(f"\nscreenshot: {path}")
+        return path
+
+    def hover(self, script: str, fraction: float) -> None:
+        """Put the mouse on the element ``script`` returns, ``fraction`` of its width in."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        element = self.js(script)
+        width = element.size["width"]
+        ActionChains(self.driver).move_to_element_with_offset(
+            element, int(width * (fraction - 0.5)), 0
+        ).perform()
 
     def browser_logs(self) -> list[dict[str, Any]]:
         self.logs += self.driver.get_log("browser")
@@ -270,8 +287,8 @@ class BrowserTestCase(TestCase):
         return got
 
 
-class InProcessBrowserTests(BrowserTestCase):
-    """The page against a server in the trial reactor."""
+class InProcessBrowserTestCase(BrowserTestCase):
+    """A server in the trial reactor (``token``: with ``--token``)."""
 
     token: str | None = None
 
@@ -291,6 +308,10 @@ class InProcessBrowserTests(BrowserTestCase):
 
     def page(self) -> str:
         return self.base + "/" + (f"?token={self.token}" if self.token else "")
+
+
+class InProcessBrowserTests(InProcessBrowserTestCase):
+    """The page against a server in the trial reactor."""
 
     def test_loads_history_without_console_errors(self) -> Deferred[None]:
         """
@@ -435,6 +456,255 @@ class TokenBrowserTests(InProcessBrowserTests):
     """The same page with ``--token``: REST with the header, SSE with ``?token=``."""
 
     token = "t0k-en"
+
+
+# Two runs whose long names share all but their end, and values whose tick
+# labels are long: a narrow range near 1.2346e+11 and near 2.995e-4; and a
+# loss from 1 to about 0 (its labels change while uPlot settles its layout).
+# Run B stops earlier than run A, so at A's last step B has no point.
+RUN_A = "experiment-resnet50-imagenet-cosine-warmup-lr3e-4-seed1"
+RUN_B = "experiment-resnet50-imagenet-cosine-warmup-lr3e-4-seed2"
+STEPS = {RUN_A: 100, RUN_B: 60}
+LAST = {
+    (RUN_A, "train/tokens"): 1.2346e11,
+    (RUN_B, "train/tokens"): 1.23455e11,
+    (RUN_A, "train/lr"): 2.995e-4,
+    (RUN_B, "train/lr"): 2.99e-4,
+}
+RISE = {"train/tokens": 1e6, "train/lr": 1e-8}
+
+
+def labelled_value(run: str, name: str, step: int) -> float:
+    """The value ``run`` logged for ``name`` at ``step``: rising to ``LAST``."""
+    if name == "train/loss":
+        return 1.0 / (step + 1) if run == RUN_A else 0.5 / (step + 1) + 0.1
+    last = LAST[(run, name)]
+    below = STEPS[run] - 1 - step
+    return last if below == 0 else last - below * RISE[name]
+
+
+def parse(text: str) -> float:
+    """A number as the page shows it ("1,234.5", "2.995e-4")."""
+    return float(text.replace(",", ""))
+
+
+def card(name: str) -> str:
+    """JS for the chart card of metric ``name``."""
+    return (
+        "[...document.querySelectorAll('.chart')]"
+        f".find(c => c.querySelector('h3 span').textContent === {json.dumps(name)})"
+    )
+
+
+# What each chart's legend shows for the runs (the raw rows, hidden, left out).
+LEGEND = """
+const card = %s;
+const rows = [...card.querySelectorAll('.u-legend .u-series')];
+const cell = (row) => {
+  const label = row.querySelector('.u-label');
+  const value = row.querySelector('.u-value').textContent;
+  return {label: label.textContent, title: label.title, value,
+          fits: label.scrollWidth <= label.clientWidth};
+};
+return {x: cell(rows[0]), runs: rows.slice(1).filter(r => !r.classList.contains('raw')).map(cell)};
+"""
+
+# Where uPlot drew each y tick label, measured with the axis's canvas font:
+# right-aligned at pos - tick - gap, so its left edge is that minus its width.
+Y_LABELS = """
+const axis = window.trainstream.yAxis(arguments[0]);
+if (!axis) return null;
+const ctx = document.createElement('canvas').getContext('2d');
+ctx.font = axis.font;
+const right = axis.pos - axis.tick - axis.gap;
+return {...axis, left: axis.labels.map(t => right - ctx.measureText(t).width / axis.pxRatio)};
+"""
+
+RUN_NAMES = """
+return [...document.querySelectorAll('#runs li')].map(li => {
+  const name = li.querySelector('.name');
+  return {li: li.title, text: name.textContent, title: name.title,
+          fits: name.scrollWidth <= name.clientWidth};
+});
+"""
+
+
+class ReadableBrowserTests(InProcessBrowserTestCase):
+    """
+    What a new user reads: y labels that fit their values, long run names
+    that stay apart, legends with the latest values before any hover.
+    """
+
+    async def open_page(self) -> Browser:
+        events = [
+            metric(run, step, labelled_value(run, name, step), name)
+            for run in (RUN_A, RUN_B)
+            for name in ("train/tokens", "train/lr", "train/loss")
+            for step in range(STEPS[run])
+        ]
+        await self.post(self.base, events, self.token)
+        browser = await self.browser()
+        await deferToThread(browser.get, self.page())
+        await deferToThread(browser.wait, STATUS, loaded, "the page to load")
+        await deferToThread(
+            browser.wait,
+            STATUS,
+            lambda s: sorted(s["drawn"]) == ["train/loss", "train/lr", "train/tokens"],
+            "the charts drawn",
+        )
+        return browser
+
+    async def chart_shots(self, browser: Browser, prefix: str) -> None:
+        await self.shot(browser, f"{prefix}.png")
+        for name in ("train/tokens", "train/lr", "train/loss"):
+            path = os.path.join(self.shots, f"{prefix}-{name.replace('/', '-')}.png")
+            await deferToThread(browser.element_screenshot, f"return {card(name)}", path)
+
+    def assert_middle_cut(self, shown: str, full: str) -> None:
+        """``shown`` is ``full`` or its start and end around an ellipsis."""
+        if shown == full:
+            return
+        head, sep, tail = shown.partition("…")
+        self.assertEqual(sep, "…", f"{shown!r} is cut but not in the middle")
+        self.assertTrue(full.startswith(head) and full.endswith(tail), (shown, full))
+        self.assertGreaterEqual(len(head), 4, shown)
+        self.assertGreaterEqual(len(tail), 4, shown)
+
+    def test_y_labels_fit_their_values(self) -> Deferred[None]:
+        """
+        Every y tick label (near 1.2346e+11, near 2.995e-4, from 1 to 0) is
+        drawn whole inside the canvas (its left edge, measured with the axis
+        font, at x >= 0), stands for its tick value, and the labels of one
+        axis are distinct and in one notation.
+        """
+
+        async def go() -> None:
+            browser = await self.open_page()
+            await self.chart_shots(browser, "labels")
+            for name, form in (
+                ("train/tokens", r"\d\.\d+e\+11"),
+                ("train/lr", r"\d\.\d+e-4"),
+                ("train/loss", r"\d\.\d+"),
+            ):
+                axis = await deferToThread(browser.js, Y_LABELS, name)
+                labels = axis["labels"]
+                self.assertGreaterEqual(len(labels), 2, axis)
+                for label, left in zip(labels, axis["left"], strict=True):
+                    self.assertGreaterEqual(left, 0, f"{name}: {label!r} cut on the left: {axis}")
+                self.assertEqual(len(set(labels)), len(labels), f"{name}: {labels}")
+                for label, split in zip(labels, axis["splits"], strict=True):
+                    self.assertAlmostEqual(parse(label), split, delta=abs(split) * 1e-9, msg=labels)
+                # One notation, one length: "1.23450e+11", "1.23452e+11"; "0.00", "0.25".
+                for label in labels:
+                    self.assertRegex(label, rf"^{form}$")
+                self.assertEqual(len({len(label) for label in labels}), 1, labels)
+
+        return d(go())
+
+    def test_long_run_names_stay_distinguishable(self) -> Deferred[None]:
+        """
+        Two long names that differ only at the end: in the run list and in
+        each chart's legend they are shown cut in the middle (start and end
+        kept), so the two differ, fit their box, and carry the whole name
+        in their title.
+        """
+
+        async def go() -> None:
+            browser = await self.open_page()
+            names = await deferToThread(browser.js, RUN_NAMES)
+            self.assertEqual([n["li"] for n in names], [RUN_A, RUN_B])
+            self.assertEqual([n["title"] for n in names], [RUN_A, RUN_B])
+            self.assertNotEqual(names[0]["text"], names[1]["text"], names)
+            for shown, full in zip(names, (RUN_A, RUN_B), strict=True):
+                self.assertTrue(shown["fits"], f"run list: {shown} overflows")
+                self.assertIn("…", shown["text"], "the run list has room for the whole name?")
+                self.assert_middle_cut(shown["text"], full)
+            for name in ("train/tokens", "train/lr"):
+                legend = await deferToThread(browser.js, LEGEND % card(name))
+                runs = legend["runs"]
+                self.assertEqual([r["title"] for r in runs], [RUN_A, RUN_B], legend)
+                self.assertNotEqual(runs[0]["label"], runs[1]["label"], legend)
+                for shown, full in zip(runs, (RUN_A, RUN_B), strict=True):
+                    self.assertTrue(shown["fits"], f"{name} legend: {shown} overflows")
+                    self.assert_middle_cut(shown["label"], full)
+            await self.chart_shots(browser, "names")
+
+        return d(go())
+
+    def test_legend_shows_latest_values(self) -> Deferred[None]:
+        """
+        Without a hover each legend shows each run's latest value (run B's
+        too, though it has no point at A's last step), also after a live
+        point; on hover the values at the cursor (B's nearest point where
+        it has none); after the mouse leaves, the latest values again.
+        """
+
+        async def go() -> None:
+            browser = await self.open_page()
+            expected = {
+                "train/tokens": ["1.2346e+11", "1.23455e+11"],
+                "train/lr": ["2.995e-4", "2.99e-4"],
+            }
+            for name, values in expected.items():
+                legend = await deferToThread(browser.js, LEGEND % card(name))
+                self.assertEqual([r["value"] for r in legend["runs"]], values, legend)
+            await self.chart_shots(browser, "legend")
+
+            # A live point: the legend follows without a hover.
+            await self.post(self.base, [metric(RUN_A, 100, 1.2347e11, "train/tokens")], self.token)
+            await deferToThread(
+                browser.wait,
+                LEGEND % card("train/tokens"),
+                lambda legend: legend["runs"][0]["value"] == "1.2347e+11",
+                "the legend to show the live point",
+            )
+
+            over = f"return {card('train/tokens')}.querySelector('.u-over')"
+            for fraction in (0.25, 0.8):
+                await deferToThread(browser.hover, over, fraction)
+                legend = await deferToThread(
+                    browser.wait,
+                    LEGEND % card("train/tokens"),
+                    lambda legend: legend["x"]["value"] not in ("--", "\N{EN DASH}", "100"),
+                    "the legend to follow the cursor",
+                )
+                step = int(parse(legend["x"]["value"]))
+                values = [parse(r["value"]) for r in legend["runs"]]
+                near_b = min(step, STEPS[RUN_B] - 1)  # B's nearest point
+                self.assertAlmostEqual(
+                    values[0] / labelled_value(RUN_A, "train/tokens", step), 1, delta=1e-6
+                )
+                self.assertAlmostEqual(
+                    values[1] / labelled_value(RUN_B, "train/tokens", near_b), 1, delta=1e-6
+                )
+                # The other chart's cursor follows (uPlot's cursor sync).
+                lr = await deferToThread(browser.js, LEGEND % card("train/lr"))
+                self.assertEqual(lr["x"]["value"], str(step))
+                self.assertAlmostEqual(
+                    parse(lr["runs"][0]["value"]) / labelled_value(RUN_A, "train/lr", step),
+                    1,
+                    delta=1e-6,
+                )
+                if fraction == 0.8:
+                    self.assertGreater(step, STEPS[RUN_B] - 1)
+                    await self.chart_shots(browser, "legend-hover")
+
+            await deferToThread(browser.hover, "return document.querySelector('.bar h1')", 0.5)
+            left = await deferToThread(
+                browser.wait,
+                LEGEND % card("train/lr"),
+                lambda legend: [r["value"] for r in legend["runs"]] == expected["train/lr"],
+                "the latest values after the mouse left",
+            )
+            self.assertEqual(left["x"]["value"], "99")
+            tokens = await deferToThread(browser.js, LEGEND % card("train/tokens"))
+            self.assertEqual(
+                [r["value"] for r in tokens["runs"]], ["1.2347e+11", "1.23455e+11"], tokens
+            )
+            logs = await deferToThread(browser.browser_logs)
+            self.assertEqual(severe(logs), [])
+
+        return d(go())
 
 
 class RestartBrowserTests(BrowserTestCase):

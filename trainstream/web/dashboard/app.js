@@ -619,6 +619,7 @@
     state.series.clear();
     state.pending = [];
     state.panel = [];
+    names.disconnect();
     $("runs").textContent = "";
     renderPanel();
     renderHparams();
@@ -708,6 +709,7 @@
         },
       ];
       const raw = [];
+      const named = [];
       for (const { run } of runs) {
         if (smooth) {
           raw.push(series.length);
@@ -717,16 +719,18 @@
             width: 1,
             spanGaps: true,
             points: { show: false },
-            value: (u, v) => formatValue(v),
+            value: legendValue(0),
           });
         }
+        named.push([series.length, run.name]);
         series.push({
           label: run.name,
           stroke: run.color,
           width: 1.5,
           spanGaps: true,
           points: { show: false },
-          value: (u, v) => formatValue(v),
+          // The logged value, not the smoothed one: the raw series is the one before.
+          value: legendValue(smooth ? 1 : 0),
         });
       }
       const chart = this;
@@ -741,9 +745,18 @@
           },
           axes: [
             { ...axis, space: 60 },
-            { ...axis, size: 60, values: (u, splits) => splits.map(formatTick) },
+            {
+              ...axis,
+              size: axisSize,
+              values: (u, splits, i, space, incr) => formatTicks(splits, incr, settings.log),
+            },
           ],
-          cursor: { drag: { x: true, y: false }, sync: { key: "trainstream" }, points: { size: 6 } },
+          cursor: {
+            drag: { x: true, y: false },
+            sync: { key: "trainstream" },
+            points: { size: 6 },
+            dataIdx: nearestValue,
+          },
           legend: { live: true },
           hooks: {
             setScale: [
@@ -754,13 +767,21 @@
                 chart.zoomed = n > 1 && (u.scales.x.min > xs[0] || u.scales.x.max < xs[n - 1]);
               },
             ],
+            // Off the chart uPlot shows "--": show the latest values instead.
+            setData: [(u) => u.status === 1 && u.cursor.left < 0 && showLatest(u)],
+            setLegend: [(u) => u.legend.idx == null && showLatest(u)],
           },
         },
         data,
         this.target
       );
+      showLatest(this.plot);
       const rows = this.plot.root.querySelectorAll(".u-legend .u-series");
       for (const i of raw) if (rows[i]) rows[i].classList.add("raw");
+      for (const [i, name] of named) {
+        const label = rows[i] && rows[i].querySelector(".u-label");
+        if (label) fitName(label, name);
+      }
     }
 
     width() {
@@ -778,19 +799,130 @@
     }
   }
 
+  /**
+   * The legend's value of a series: `offset` series before it holds the
+   * value shown (1: the raw series of a smoothed one). At the last index
+   * (the legend off the chart) a run that has no point there shows its own
+   * latest value.
+   */
+  function legendValue(offset) {
+    return (u, v, sidx, idx) => {
+      if (idx == null) return "–";
+      const col = u.data[sidx - offset];
+      let i = idx;
+      if (i === u.data[0].length - 1) while (i > 0 && col[i] == null) i--;
+      return formatValue(col[i]);
+    };
+  }
+
+  /** The legend at the last point, as when the cursor is off the chart. */
+  function showLatest(u) {
+    const n = u.data[0] ? u.data[0].length : 0;
+    if (n) u.setLegend({ idx: n - 1 }, false);
+  }
+
+  /** Under the cursor, each series' point nearest in x: runs log at different steps. */
+  function nearestValue(u, sidx, idx) {
+    const col = u.data[sidx];
+    if (sidx === 0 || idx == null || col[idx] != null) return idx;
+    const xs = u.data[0];
+    let lo = idx - 1;
+    while (lo >= 0 && col[lo] == null) lo--;
+    let hi = idx + 1;
+    while (hi < col.length && col[hi] == null) hi++;
+    if (lo < 0) return hi < col.length ? hi : idx;
+    if (hi >= col.length) return lo;
+    return xs[idx] - xs[lo] <= xs[hi] - xs[idx] ? lo : hi;
+  }
+
+  const measurer = document.createElement("canvas").getContext("2d");
+
+  function textWidth(text, font) {
+    measurer.font = font;
+    return measurer.measureText(text).width;
+  }
+
+  /**
+   * The y axis as wide as its widest label (uPlot's dynamic axis size).
+   * Every pass of uPlot's layout measures the labels of that pass: they
+   * change while the plot's height settles (a stale size cut "1.00" to
+   * ".00"), and they depend on the height only, never on this width.
+   */
+  function axisSize(u, values, axisIdx) {
+    const axis = u.axes[axisIdx];
+    let widest = 0;
+    for (const v of values || []) if (v) widest = Math.max(widest, textWidth(String(v), axis.font[0]));
+    return Math.ceil(axis.ticks.size + axis.gap + widest / devicePixelRatio + 4);
+  }
+
+  /** "1234567.5" -> "1,234,567.5" */
+  function group(s) {
+    const dot = s.indexOf(".");
+    const int = dot < 0 ? s : s.slice(0, dot);
+    return int.replace(/\B(?=(\d{3})+(?!\d))/g, ",") + (dot < 0 ? "" : s.slice(dot));
+  }
+
+  /** A value in a legend: up to 6 significant digits, exponent form if very large or small. */
   function formatValue(v) {
     if (v == null) return "–";
     const a = Math.abs(v);
-    if (a !== 0 && (a >= 1e6 || a < 1e-4)) return v.toExponential(4);
-    return Number(v.toPrecision(6)).toString();
+    if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(5).replace(/\.?0+e/, "e");
+    return group(String(Number(v.toPrecision(6))));
   }
 
-  /** A tick label: exact for uPlot's round splits, without float noise. */
-  function formatTick(v) {
-    if (v == null) return "";
-    const x = Number(v.toPrecision(10));
-    const a = Math.abs(x);
-    return a !== 0 && (a >= 1e5 || a < 1e-3) ? x.toExponential() : String(x);
+  /** 10^k of the last digit of `x`: 5e-6 -> -6, 2.5e-7 -> -8, 1e9 -> 9. */
+  function lastDigit(x) {
+    const [mantissa, exp] = Number(Math.abs(x).toPrecision(6)).toExponential().split("e");
+    const dot = mantissa.indexOf(".");
+    return Number(exp) - (dot < 0 ? 0 : mantissa.length - dot - 1);
+  }
+
+  /**
+   * The y axis's tick labels: one notation for the axis, and as many digits
+   * as the step between ticks needs, so every label is whole and distinct
+   * (1.23e+11, 3.00e-4, 0.5, 1,234).
+   */
+  function formatTicks(splits, incr, log) {
+    if (log || !(incr > 0)) return splits.map((v) => (v == null ? "" : formatValue(v)));
+    const finite = splits.filter((v) => v != null && Number.isFinite(v));
+    const big = Math.max(0, ...finite.map(Math.abs));
+    const pos = lastDigit(incr);
+    if (big !== 0 && (big >= 1e5 || big < 1e-3)) {
+      const digits = Math.max(0, Number(big.toExponential().split("e")[1]) - pos);
+      return splits.map((v) => (v == null ? "" : v === 0 ? "0" : v.toExponential(Math.min(digits, 20))));
+    }
+    const decimals = Math.min(20, Math.max(0, -pos));
+    return splits.map((v) => (v == null ? "" : group((v === 0 ? 0 : v).toFixed(decimals))));
+  }
+
+  /** middle("experiment-resnet50-a", 14) -> "experim…net50-a": `keep` characters of start and end. */
+  function middle(text, keep) {
+    const head = Math.ceil(keep / 2);
+    return `${text.slice(0, head)}…${text.slice(text.length - (keep - head))}`;
+  }
+
+  /**
+   * Show `text` in `el` (whose width CSS bounds), cut in the middle when it
+   * does not fit, so names that share a long prefix stay distinguishable;
+   * the full text on hover.
+   */
+  function fitName(el, text) {
+    el.title = text;
+    el.textContent = text;
+    const room = el.clientWidth;
+    if (!room || el.scrollWidth <= room) return;
+    const style = getComputedStyle(el);
+    const font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+    let lo = 0;
+    let hi = text.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (textWidth(middle(text, mid), font) <= room - 1) lo = mid;
+      else hi = mid - 1;
+    }
+    el.textContent = middle(text, lo);
+    // Canvas and layout may round differently: the page has the last word.
+    while (lo > 0 && el.scrollWidth > el.clientWidth) el.textContent = middle(text, --lo);
   }
 
   const visibility = new IntersectionObserver((entries) => {
@@ -866,6 +998,10 @@
     $("run-count").textContent = state.runs.size ? `(${state.runs.size})` : "";
   }
 
+  const names = new ResizeObserver((entries) => {
+    for (const entry of entries) fitName(entry.target, entry.target.title);
+  });
+
   function runItem(run, list) {
     const item = document.createElement("li");
     item.title = run.name;
@@ -884,6 +1020,7 @@
     const label = document.createElement("span");
     label.className = "name";
     label.textContent = run.name;
+    label.title = run.name;
     const right = document.createElement("span");
     const stateEl = document.createElement("span");
     const ageEl = document.createElement("span");
@@ -897,6 +1034,8 @@
       renderPanel();
     });
     list.append(item);
+    fitName(label, run.name);
+    names.observe(label); // the column narrows when the age or a scrollbar grows
     return { item, stateEl, ageEl };
   }
 
@@ -1054,6 +1193,22 @@
       charts: [...state.charts.keys()],
       drawn: [...state.charts.values()].filter((c) => c.plot && !c.dirty).map((c) => c.name),
     }),
+    /** What uPlot drew on a chart's y axis (CSS pixels; label x = pos - tick - gap, right-aligned). */
+    yAxis: (name) => {
+      const chart = state.charts.get(name);
+      const axis = chart && chart.plot ? chart.plot.axes[1] : null;
+      if (!axis || !axis._values) return null;
+      return {
+        labels: axis._values.slice(),
+        splits: axis._splits.slice(),
+        size: axis._size,
+        pos: axis._pos,
+        tick: axis.ticks.size,
+        gap: axis.gap,
+        font: axis.font[0],
+        pxRatio: devicePixelRatio,
+      };
+    },
   });
 
   applyTheme();
