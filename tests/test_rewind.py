@@ -41,6 +41,37 @@ class SegmentTests(SynchronousTestCase):
         statuses = [r.event for r in hub.store.after(before, lambda r: r.type == "status")]
         self.assertEqual([s["rewind_to"] for s in statuses], [5, 2])
 
+    def test_run_name_used_twice_ends_finished(self) -> None:
+        """
+        A short run under a name used before fits in one batch: metrics that
+        go back, then ``finished``. The rewind status comes before the point
+        that went back, so the run ends ``finished``, not ``running``; the
+        answer's ids and count are the publisher's own events.
+        """
+        from trainstream.runs import RunsService
+
+        hub = Hub(MemoryStore())
+        runs = RunsService(hub, reactor, 120.0)
+        finished = {"type": "status", "run": "r", "state": "finished", "time": 1.0}
+        hub.publish([*points("r", "loss", range(10)), finished])
+        self.assertEqual(runs.get("r").state, "finished")
+        before = hub.last_id
+        accepted, first, last = hub.publish([*points("r", "loss", range(3)), finished])
+        self.assertEqual(runs.get("r").state, "finished")
+        after = hub.store.after(before, lambda r: True)
+        self.assertEqual(
+            [(r.type, r.event.get("step"), r.event.get("state")) for r in after],
+            [
+                ("status", None, "running"),  # rewind_to 0, before the point at step 0
+                ("metric", 0, None),
+                ("metric", 1, None),
+                ("metric", 2, None),
+                ("status", None, "finished"),
+            ],
+        )
+        self.assertEqual(after[0].event["rewind_to"], 0)
+        self.assertEqual((accepted, first, last), (4, after[1].id, after[-1].id))
+
     def test_equal_steps_are_not_a_rewind(self) -> None:
         hub = Hub(MemoryStore())
         hub.publish(points("r", "loss", range(3)) + points("r", "loss", range(2, 3)))

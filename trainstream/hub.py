@@ -421,11 +421,10 @@ class Hub:
 
     def publish(self, events: Sequence[dict[str, object]]) -> tuple[int, int, int]:
         """Publish events that are already validated."""
-        first = self._next_id
+        first = next_id = self._next_id
         segments = self.segments
         records: list[Record] = []
-        rewinds: list[dict[str, object]] = []
-        for i, e in enumerate(events):
+        for e in events:
             segment = 0
             if e["type"] == "metric" and "rank" not in e:
                 # Ranks of one run interleave their steps; their own steps
@@ -434,20 +433,26 @@ class Hub:
                 assert isinstance(step, int)
                 segment, announce = segments.assign(str(e["run"]), str(e["name"]), step)
                 if announce:
-                    rewinds.append(
-                        {
-                            "type": "status",
-                            "run": e["run"],
-                            "time": e["time"],
-                            "state": "running",
-                            "rewind_to": step,
-                            "message": f"steps went back to {step} (resumed from a checkpoint?)",
-                        }
-                    )
-            records.append(make_record(first + i, e, segment))
+                    # Numbered just before the point that went back, so it
+                    # reads in order: a "finished" later in the same batch
+                    # stays the run's last word.
+                    rewind: dict[str, object] = {
+                        "type": "status",
+                        "run": e["run"],
+                        "time": e["time"],
+                        "state": "running",
+                        "rewind_to": step,
+                        "message": f"steps went back to {step} (resumed from a checkpoint?)",
+                    }
+                    records.append(make_record(next_id, rewind, 0))
+                    next_id += 1
+                    if first == next_id - 1:
+                        first = next_id  # first_id names the publisher's own first event
+            records.append(make_record(next_id, e, segment))
+            next_id += 1
         if not records:
             return (0, first, first - 1)
-        self._next_id = first + len(records)
+        self._next_id = next_id
         self.store.append(records)
         self.accepted_total += len(records)
         # Clients mostly share a few filters: filter once per distinct filter,
@@ -464,9 +469,9 @@ class Hub:
             subscription.offer(wanted)
         for observer in self.observers:
             observer(records)
-        if rewinds:
-            self.publish(rewinds)
-        return (len(records), first, records[-1].id)  # observers may have published since
+        # The publisher's own events: a rewind status the server added may lie
+        # between first and last (observers may have published after them).
+        return (len(events), first, next_id - 1)
 
     def subscribe(
         self,
