@@ -164,6 +164,40 @@ class TwistdTests(TestCase):
 
         return Deferred.fromCoroutine(go())
 
+    def test_busy_second_or_third_port_exits_with_clear_message(self) -> Deferred[None]:
+        """
+        Whichever listener's port is held (here the WebSocket's, then the
+        REST one, bound after others succeeded), twistd exits non-zero within
+        seconds with the message the first listener gets, instead of hanging.
+        """
+        import socket
+        import time
+
+        async def go() -> None:
+            for role in ("ws", "rest"):
+                holder = socket.socket()
+                holder.bind(("127.0.0.1", 0))
+                holder.listen(1)
+                self.addCleanup(holder.close)
+                held = holder.getsockname()[1]
+                endpoints = {r: "tcp:0:interface=127.0.0.1" for r in ("sse", "ws", "rest")}
+                endpoints[role] = f"tcp:{held}:interface=127.0.0.1"
+                started = time.monotonic()
+                args = [f"--{r}={e}" for r, e in endpoints.items()]
+                proto = spawn_twistd(self, "--memory", *args)
+                proto.listening.addErrback(lambda _: None)
+                code = await proto.ended.addTimeout(10, reactor)
+                elapsed = time.monotonic() - started
+                text = proto.output.decode(errors="replace")
+                self.assertNotEqual(code, 0, text)
+                self.assertIn(f"cannot listen for {role} on port {held}", text)
+                self.assertIn(f"tcp:{held}:interface=127.0.0.1", text)
+                self.assertIn(f"--{role} tcp:0 picks a free port", text)
+                self.assertNotIn("Traceback", text)
+                self.assertLess(elapsed, 5.0, text)
+
+        return Deferred.fromCoroutine(go())
+
 
 def proto_pid(proto: Twistd) -> int:
     pid = proto.transport.pid if proto.transport is not None else None
@@ -190,6 +224,47 @@ class TwistdCommandLineTests(SynchronousTestCase):
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("/nonexistent/token", result.stdout + result.stderr)
+
+
+class OptionNameTests(SynchronousTestCase):
+    """A long option is only ever selected by its whole name."""
+
+    def parse(self, *args: str) -> Any:
+        from trainstream.tap import Options
+
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_prefix_is_refused(self) -> None:
+        from twisted.python import usage
+
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--port=8888")
+        self.assertIn("unknown option --port", str(caught.exception))
+        self.assertIn("--ports-file", str(caught.exception))
+        with self.assertRaises(usage.UsageError):
+            self.parse("--mem")
+        with self.assertRaises(usage.UsageError):
+            self.parse("--no-such-option", "x")
+
+    def test_whole_names_work(self) -> None:
+        options = self.parse("--memory", "--ports-file=p.json", "--allow-origin", "http://a")
+        self.assertTrue(options.config.memory)
+        self.assertEqual(options.config.ports_file, "p.json")
+        self.assertEqual(options.config.allow_origin, ("http://a",))
+
+    def test_twistd_says_which(self) -> None:
+        result = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "trainstream", "--port=8888"],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("unknown option --port", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
 
 
 EMBEDDED = textwrap.dedent(
@@ -266,6 +341,14 @@ EMBEDDED = textwrap.dedent(
             restarts += again.listening
     out["restarts"] = restarts
     out["binds_after_restarts"] = [plain_bind(p) for p in ports]
+
+    class TrainingSystem:  # the seed's own call shape
+        def parent(self):
+            return self
+    seed = trainstream.get_stream_server(training_system=TrainingSystem().parent(), config=fixed)
+    out["seed_call_listening"] = seed.listening
+    trainstream.release_stream_server()
+    out["binds_after_seed_call"] = [plain_bind(p) for p in ports]
     try:
         trainstream.get_stream_server({"no_such_option": 1})
     except trainstream.ConfigError as e:
@@ -307,4 +390,6 @@ class EmbeddedTests(SynchronousTestCase):
         self.assertEqual(out["binds"], [None, None, None])
         self.assertEqual(out["restarts"], 20)
         self.assertEqual(out["binds_after_restarts"], [None, None, None])
+        self.assertTrue(out["seed_call_listening"])
+        self.assertEqual(out["binds_after_seed_call"], [None, None, None])
         self.assertIn("unknown config key 'no_such_option'", out["config_error"])

@@ -78,6 +78,27 @@ class RestTestCase(TestCase):
 
 
 class RunsTests(RestTestCase):
+    def test_api_root_is_an_index(self) -> Deferred[None]:
+        """
+        ``server.urls["rest"]`` (``.../api``) answers, with or without the
+        slash, with links that themselves answer.
+        """
+
+        async def go() -> None:
+            for url in (self.server.urls["rest"], self.server.urls["rest"] + "/"):
+                response = await treq.get(url, pool=self.pool)
+                self.assertEqual(response.code, 200, url)
+                body = json.loads(await response.text())
+                self.assertEqual(body["name"], "trainstream")
+                self.assertEqual(body["urls"], self.server.urls)
+            for name, link in body["links"].items():
+                if "{" in link or " " in link:
+                    continue  # a template or a method, not a URL to follow
+                code = (await treq.get(self.url(link), pool=self.pool)).code
+                self.assertEqual(code, 200, f"{name}: {link}")
+
+        return Deferred.fromCoroutine(go())
+
     def test_list_runs(self) -> Deferred[None]:
         async def go() -> None:
             self.assertEqual(await self.get("/api/runs"), (200, {"runs": []}))
@@ -457,3 +478,40 @@ class PrometheusTests(RestTestCase):
             self.assertIsNone(REGISTRY.get_sample_value("trainstream_runs"))
 
         return d(go())
+
+
+class AccessLogTests(RestTestCase):
+    def test_routine_publishing_is_not_logged(self) -> Deferred[None]:
+        """
+        A successful publish leaves no access-log line; every other request
+        (a refused publish, a read) does; ``access_log`` logs them all.
+        """
+        import io
+
+        log = io.BytesIO()
+        self.server.site.logFile = log
+        event = {"type": "metric", "run": "r", "name": "loss", "step": 1, "value": 0.5}
+
+        async def go() -> None:
+            self.assertEqual((await self.request("POST", "/api/events", [event]))[0], 200)
+            self.assertEqual(log.getvalue(), b"")
+            self.assertEqual((await self.request("POST", "/api/events", [{"x": 1}]))[0], 400)
+            self.assertEqual((await self.get("/api/health"))[0], 200)
+            lines = log.getvalue().decode().splitlines()
+            self.assertEqual(len(lines), 2, lines)
+            self.assertIn('"POST /api/events HTTP/1.1" 400', lines[0])
+            self.assertIn('"GET /api/health HTTP/1.1" 200', lines[1])
+            self.server.site.full_access_log = True
+            self.assertEqual((await self.request("POST", "/api/events", [event]))[0], 200)
+            self.assertIn('"POST /api/events HTTP/1.1" 200', log.getvalue().decode())
+
+        return Deferred.fromCoroutine(go())
+
+    def test_option_turns_full_logging_on(self) -> None:
+        from trainstream.tap import Options
+
+        options = Options()
+        options.parseOptions(["--access-log", "--memory"])
+        self.assertTrue(options.config.access_log)
+        self.assertTrue(StreamServer(options.config, reactor).site.full_access_log)
+        self.assertFalse(self.server.site.full_access_log)

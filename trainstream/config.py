@@ -53,6 +53,8 @@ class Config:
     :param max_db_mb: SQLite: drop the oldest events while the file holds more.
     :param stall_after: seconds without an event after which a running run is
         marked ``stalled``.
+    :param access_log: log every request; by default a successful publish
+        (``POST /api/events`` answered 2xx) is not logged, every other one is.
     """
 
     sse: str = DEFAULT_SSE
@@ -74,6 +76,7 @@ class Config:
     client_buffer: int = 1 << 20
     retain_days: float | None = None
     max_db_mb: float | None = None
+    access_log: bool = False
 
     @classmethod
     def from_value(cls, value: Config | Mapping[str, Any] | None) -> Config:
@@ -134,7 +137,7 @@ class Config:
 
 _STR_OR_NONE = {"listen", "db", "token", "token_file", "ports_file"}
 _STR = {"sse", "ws", "rest"}
-_BOOL = {"memory", "demo"}
+_BOOL = {"memory", "demo", "access_log"}
 _FLOAT = {"keepalive", "close_timeout", "stall_after"}
 _FLOAT_OR_NONE = {"retain_days", "max_db_mb"}
 _INT = {"retry_ms", "max_history", "client_buffer"}

@@ -47,11 +47,36 @@ class Options(usage.Options):
     optFlags = [
         ["memory", None, "Keep history in RAM only."],
         ["demo", None, "Also publish a synthetic training run."],
+        ["access-log", None, "Log every request (default: not successful publishes)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["allow_origin"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Refuse an abbreviated long option: getopt would take ``--port=8888``
+        as ``--ports-file=8888``, silently; a prefix never selects an option.
+        """
+        import sys
+
+        args = sys.argv[1:] if options is None else options
+        known = {name.rstrip("=") for name in self.longOpt} | {"help", "version"}
+        for arg in args:
+            if arg == "--":
+                break
+            if not arg.startswith("--"):
+                continue
+            name = arg[2:].split("=", 1)[0]
+            if name not in known:
+                near = sorted(k for k in known if k.startswith(name))
+                hint = f" (did you mean {', '.join('--' + k for k in near)}?)" if near else ""
+                raise usage.UsageError(
+                    f"unknown option --{name}{hint}: give the option's whole name; "
+                    "see twistd trainstream --help"
+                )
+        super().parseOptions(options)  # type: ignore[no-untyped-call]
 
     def opt_allow_origin(self, origin: str) -> None:
         """Also accept WebSocket upgrades from this Origin (repeatable)."""
@@ -85,6 +110,7 @@ def config_from_options(options: Any) -> Config:
             "client_buffer": options["client-buffer"],
             "retain_days": options["retain-days"],
             "max_db_mb": options["max-db-mb"],
+            "access_log": bool(options["access-log"]),
         }
     )
 

@@ -155,22 +155,59 @@ class RestApi:
         self.server = server
         self._openapi: bytes | None = None
 
-    @app.route("/health", methods=["GET"])
-    def health(self, request: Request) -> bytes:
-        server = self.server
-        hub = server.hub
+    @app.route("/", methods=["GET"], strict_slashes=False)
+    def index(self, request: Request) -> bytes:
+        """``GET /api``: what is here, with links, so the URL in ``server.urls`` answers."""
         return json_response(
             request,
             {
-                "status": "ok",
+                "name": "trainstream",
                 "version": __version__,
-                "uptime_s": round(server.uptime(), 3),
-                "last_id": hub.last_id,
-                "epoch": hub.store.epoch,
-                "listeners": server.listener_info(),
-                "clients": server.clients.counts(),
+                "links": {
+                    "health": "/api/health",
+                    "events": "/api/events?after=0",
+                    "publish": "POST /api/events",
+                    "runs": "/api/runs",
+                    "run": "/api/runs/{run}",
+                    "metric": "/api/runs/{run}/metrics/{name}",
+                    "ranks": "/api/runs/{run}/ranks",
+                    "openapi": "/api/openapi.json",
+                    "sse": "/events",
+                    "ws": "/ws",
+                    "metrics": "/metrics",
+                    "dashboard": "/",
+                },
+                "urls": self.server.urls,
             },
         )
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: Request) -> bytes:
+        """
+        ``ok``, or 503 ``degraded`` with ``reasons`` (and the first as
+        ``reason``) while the history is in trouble, e.g. its writer
+        process died and is being restarted.
+        """
+        server = self.server
+        hub = server.hub
+        store = hub.store.health()
+        answer: dict[str, object] = {
+            "status": "degraded" if store.problems else "ok",
+            "version": __version__,
+            "uptime_s": round(server.uptime(), 3),
+            "last_id": hub.last_id,
+            "epoch": hub.store.epoch,
+            "listeners": server.listener_info(),
+            "clients": server.clients.counts(),
+            "store": {
+                "writer_restarts": store.writer_restarts,
+                "events_lost": store.events_lost,
+            },
+        }
+        if store.problems:
+            answer["reason"] = store.problems[0]
+            answer["reasons"] = list(store.problems)
+        return json_response(request, answer, 503 if store.problems else 200)
 
     @app.route("/events", methods=["POST"])
     def post_events(self, request: Request) -> bytes | Deferred[bytes]:

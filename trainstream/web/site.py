@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.web import http
 from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
@@ -65,6 +66,21 @@ class TrackingSite(Site):
     """
 
     access: Access | None = None
+    full_access_log = False
+
+    def log(self, request: http.Request) -> None:
+        """
+        The access log, less routine publishing: a training run's batches
+        answered 2xx would be most of it (``--access-log`` logs them too).
+        """
+        if (
+            not self.full_access_log
+            and request.method == b"POST"
+            and request.path == b"/api/events"
+            and 200 <= request.code < 300
+        ):
+            return
+        super().log(request)  # type: ignore[no-untyped-call]
 
     def getResourceFor(self, request: Request) -> IResource:
         transport: Any = request.channel.transport if request.channel is not None else None
@@ -108,6 +124,7 @@ def build_site(server: StreamServer) -> Site:
         lambda: {p for p in (listener.port_number for listener in server.listeners) if p},
         lambda: bool(server.listeners) and all(li.loopback for li in server.listeners),
     )
+    site.full_access_log = config.access_log
     site.requestFactory = LimitedRequest
     site.displayTracebacks = False
     site.noisy = False
