@@ -6,6 +6,7 @@ Start a server in this process and print the dashboard URL, or publish to
 a running `twistd trainstream`:
 
     python examples/plain_loop.py
+    python examples/plain_loop.py --keep-serving      # the dashboard stays up until Ctrl-C
     python examples/plain_loop.py --url http://127.0.0.1:8890 --run toy --steps 2000
 """
 
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--run", default="plain-loop", help="the run's name")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--listen", help="embedded: one endpoint, e.g. tcp:0 (default: 8888-8890)")
+    parser.add_argument(
+        "--keep-serving", action="store_true", help="embedded: serve the dashboard until Ctrl-C"
+    )
     args = parser.parse_args()
     hparams = {"lr": 0.1, "batch": 32, "steps": args.steps}
 
@@ -57,6 +61,11 @@ def main() -> None:
         run = server.run(args.run, hparams=hparams)
         train(run, args.steps)
         run.flush()
+        if args.keep_serving:
+            print(f"serving {server.urls['dashboard']} until Ctrl-C", flush=True)
+            trainstream.keep_serving()
+        else:
+            print(trainstream.revisit_hint(server.config), flush=True)
 
 
 if __name__ == "__main__":

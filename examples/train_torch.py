@@ -6,6 +6,7 @@ Start a server in this process and print the dashboard URL, or publish to
 a running `twistd trainstream`:
 
     python examples/train_torch.py
+    python examples/train_torch.py --keep-serving     # the dashboard stays up until Ctrl-C
     python examples/train_torch.py --url http://127.0.0.1:8890 --run mlp --steps 2000
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+import trainstream
 from trainstream.integrations.tensorboard import SummaryWriter  # was: torch.utils.tensorboard
 
 
@@ -62,8 +64,13 @@ def main() -> None:
     parser.add_argument("--run", default="torch-mlp", help="the run's name")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--listen", help="embedded: one endpoint, e.g. tcp:0 (default: 8888-8890)")
+    parser.add_argument(
+        "--keep-serving", action="store_true", help="embedded: serve the dashboard until Ctrl-C"
+    )
     args = parser.parse_args()
     config = {"listen": args.listen} if args.listen and not args.url else None
+    # Embedded, hold the server beyond the writer, to keep serving after it closes.
+    server = None if args.url else trainstream.get_stream_server(config)
 
     with SummaryWriter(url=args.url, run=args.run, server_config=config) as writer:
         print("dashboard:", writer.dashboard_url, flush=True)
@@ -76,6 +83,13 @@ def main() -> None:
 
         train(args.steps, log)
     # leaving the block marked the run finished and flushed it
+    if server is not None:
+        if args.keep_serving:
+            print(f"serving {server.urls['dashboard']} until Ctrl-C", flush=True)
+            trainstream.keep_serving()
+        else:
+            print(trainstream.revisit_hint(server.config), flush=True)
+        trainstream.release_stream_server()
 
 
 if __name__ == "__main__":

@@ -110,3 +110,70 @@ class ExampleTests(TestCase):
                 print("SKIPPED: torch is not importable; train_torch.py embedded not run")
 
         return Deferred.fromCoroutine(go())
+
+
+class KeepServingTests(TestCase):
+    """``--keep-serving``: the dashboard outlives the training loop until Ctrl-C."""
+
+    timeout = 120
+
+    def test_plain_loop_keeps_serving_until_ctrl_c(self) -> None:
+        import json
+        import select
+        import signal
+        import subprocess
+        import time
+        import urllib.request
+
+        from tests.clients import plain_bind
+
+        data = tempfile.mkdtemp(prefix="trainstream-example-")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_DATA_HOME": data, "HOME": data}
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                str(EXAMPLES / "plain_loop.py"),
+                *("--steps", "20", "--keep-serving", "--run", "kept"),
+                *("--listen", "tcp:0:interface=127.0.0.1"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # its own process group, as a terminal's job is
+        )
+        self.addCleanup(lambda: child.poll() is None and os.killpg(child.pid, signal.SIGKILL))
+        out = b""
+        deadline = time.monotonic() + 60
+        assert child.stdout is not None
+        while b"until Ctrl-C" not in out:
+            self.assertLess(time.monotonic(), deadline, out)
+            ready, _, _ = select.select([child.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(child.stdout.fileno(), 4096)
+                if not chunk:
+                    self.fail(f"exited early: {child.communicate(timeout=10)[1].decode()}")
+                out += chunk
+        url = out.decode().split("serving ", 1)[1].split(" ", 1)[0]
+        # The loop is over and the server still answers, with the whole run.
+        with urllib.request.urlopen(url + "api/runs/kept", timeout=10) as response:
+            run = json.loads(response.read())
+        self.assertEqual((run["state"], run["last_step"]), ("finished", 19))
+        os.killpg(child.pid, signal.SIGINT)  # Ctrl-C: the whole group
+        try:
+            _, err = child.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.fail("the example did not stop within 15 s of Ctrl-C")
+        self.assertEqual(child.returncode, 0, err.decode())
+        self.assertNotIn(b"Traceback", err)
+        port = int(url.split(":")[2].split("/")[0])
+        self.assertIsNone(plain_bind(port))
+
+    def test_embedded_says_how_to_see_the_run_again(self) -> Deferred[None]:
+        async def go() -> None:
+            out = await ExampleTests.run_example(
+                self, "plain_loop.py", "--steps", "5", "--listen", "tcp:0:interface=127.0.0.1"
+            )  # type: ignore[arg-type]
+            self.assertIn("the run is stored in", out)
+            self.assertIn("twistd -n trainstream", out)
+
+        return Deferred.fromCoroutine(go())

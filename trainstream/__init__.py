@@ -27,7 +27,9 @@ if TYPE_CHECKING:
         StreamServerManager as StreamServerManager,
         get_stream_server as get_stream_server,
         get_stream_server_manager as get_stream_server_manager,
+        keep_serving as keep_serving,
         release_stream_server as release_stream_server,
+        revisit_hint as revisit_hint,
         serve as serve,
     )
     from trainstream.run import Run as Run
@@ -45,7 +47,9 @@ _EXPORTS = {
     "StreamServerManager": "trainstream.manager",
     "get_stream_server": "trainstream.manager",
     "get_stream_server_manager": "trainstream.manager",
+    "keep_serving": "trainstream.manager",
     "release_stream_server": "trainstream.manager",
+    "revisit_hint": "trainstream.manager",
     "serve": "trainstream.manager",
     "Run": "trainstream.run",
     "StreamServer": "trainstream.service",

@@ -229,11 +229,17 @@ def get_stream_server_manager() -> StreamServerManager:
     return _manager
 
 
-def get_stream_server(config: ConfigLike = None) -> StreamServer:
+def get_stream_server(config: ConfigLike = None, training_system: object = None) -> StreamServer:
     """
     The process-wide server, started if none runs (refcount +1). Returns once
     every port is bound.
 
+    :param config: a ``Config`` or a dict of option names; ``None`` for the
+        defaults (or, when a server runs, whatever it runs with).
+    :param training_system: accepted so that code written for the original
+        tool (``get_stream_server(training_system=self.parent(),
+        config=stream_config)``) runs unchanged. It is not used: the server is
+        shared by the whole process and needs nothing from its caller.
     :raises PortInUseError: naming the port and endpoint; the refcount is unchanged.
     :raises ConfigConflictError: when a server runs with another config.
     """
@@ -243,6 +249,55 @@ def get_stream_server(config: ConfigLike = None) -> StreamServer:
 def release_stream_server() -> None:
     """Refcount -1; at 0 returns only when every port is free."""
     _manager.put()
+
+
+def keep_serving() -> None:
+    """
+    Block the calling thread while the process-wide server serves, until
+    Ctrl-C (or, in the main thread, SIGTERM); then return normally, so the
+    caller releases the server as usual. For scripts whose dashboard should
+    outlive their training loop.
+
+    :raises ReactorThreadError: from the reactor thread, where it would deadlock.
+    :raises TrainstreamError: when no server is running.
+    """
+    import signal
+
+    if threadable.isInIOThread():
+        raise ReactorThreadError("keep_serving()", "nothing: the reactor already serves")
+    if not _manager.is_server_running():
+        raise TrainstreamError("keep_serving(): no server is running; call get_stream_server()")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def revisit_hint(config: Config) -> str:
+    """How to see a run again once this process has ended (for scripts to print)."""
+    if config.memory:
+        return (
+            "the history was kept in memory and ends with this process; to watch a run "
+            "after the script ends, run it with a history file, or keep serving "
+            "(trainstream.keep_serving())"
+        )
+    from trainstream.config import default_db_path
+
+    db = config.db or default_db_path()
+    option = "" if config.db is None else f" --db {db}"
+    return (
+        f"the run is stored in {db}; to see it again: twistd -n trainstream{option} "
+        "and open http://127.0.0.1:8890/ (or keep this process serving: trainstream.keep_serving())"
+    )
 
 
 @contextmanager
