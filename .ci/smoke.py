@@ -128,6 +128,28 @@ def twistd_demo(venv: str, home: str) -> None:
     print("smoke: twistd stopped on SIGTERM without a traceback")
 
 
+def tls_without_extra(venv: str, home: str) -> None:
+    """An ssl: endpoint on the plain install says which extra it needs."""
+    env = dict(os.environ, HOME=home)
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [
+            os.path.join(venv, "bin", "twistd"),
+            *("-n", "--pidfile=", "trainstream", "--memory"),
+            "--listen=ssl:0:privateKey=key.pem:certKey=cert.pem",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=home,
+        env=env,
+        timeout=30,
+    )
+    both = done.stdout + done.stderr
+    if done.returncode == 0 or "trainstream[tls]" not in both or "Traceback" in both:
+        fail("an ssl: endpoint without the tls extra did not say what to install", both)
+    print("smoke: an ssl: endpoint without the tls extra names it")
+
+
 def readme_snippet() -> str:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
@@ -167,6 +189,7 @@ def main() -> None:
     venv = os.path.abspath(sys.argv[1])
     with tempfile.TemporaryDirectory(prefix="trainstream-smoke-") as home:
         twistd_demo(venv, home)
+        tls_without_extra(venv, home)
     with tempfile.TemporaryDirectory(prefix="trainstream-smoke-") as home:
         embedded(venv, home)
     print("smoke: the plain install works")

@@ -360,6 +360,13 @@ class StreamServer(MultiService):
                 raise ConfigError(
                     f"--{role} {description!r} is not a valid endpoint string: {e}"
                 ) from None
+            except ImportError as e:  # ssl:/tls: without pyOpenSSL
+                self._start_error = ConfigError(
+                    f"--{role} {description!r} needs TLS support, which is not installed "
+                    f"({e}): pip install 'trainstream[tls]'"
+                )
+                await self._unbind(bound)
+                raise self._start_error from None
             factory = TrackingFactory(self.site, role, self.reactor, self.config.close_timeout)
             try:
                 port = await endpoint.listen(factory)
