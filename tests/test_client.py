@@ -130,6 +130,75 @@ class PublisherTests(TestCase):
         return Deferred.fromCoroutine(go())
 
 
+class PublisherRefusalTests(TestCase):
+    """The server takes a batch all or nothing: one bad event must not cost the rest."""
+
+    timeout = 60
+
+    async def serve(self) -> StreamServer:
+        server = StreamServer({"listen": "tcp:0:interface=127.0.0.1", "memory": True}, reactor)
+        await server.start()
+        self.addCleanup(server.stop)
+        return server
+
+    def publisher(self, server: StreamServer) -> Publisher:
+        publisher = Publisher(server.urls["rest"], "remote", report_every=0, flush_at_exit=0)
+        self.addCleanup(lambda: deferToThread(publisher.close, 5))
+        return publisher
+
+    def test_a_bad_event_is_reported_and_the_rest_is_sent(self) -> Deferred[None]:
+        def metric(step: int, value: object) -> dict[str, object]:
+            event = {"type": "metric", "run": "remote", "name": "loss", "step": step}
+            return {**event, "value": value, "time": 1.0}
+
+        async def go() -> None:
+            server = await self.serve()
+            pub = self.publisher(server)
+            # What log() would refuse, as if a server with other rules refused it.
+            batch = [metric(s, float(s)) for s in range(10)]
+            batch[3] = metric(3, 2**70)
+            batch[7] = dict(metric(7, 7.0), colour="red")
+            with self.assertLogs("trainstream.client", "WARNING") as logged:
+                pub._put(batch)
+                self.assertTrue(await deferToThread(pub.flush, 20))
+            self.assertEqual(len(logged.records), 2)
+            self.assertIn('"step":3', logged.output[0])
+            steps = [
+                r.event["step"] for r in server.hub.store.after(0, lambda r: r.type == "metric")
+            ]
+            self.assertEqual(steps, [0, 1, 2, 4, 5, 6, 8, 9])
+            self.assertEqual(pub.rejected, 2)
+            self.assertEqual([e["step"] for e, _ in pub.rejected_events], [3, 7])
+            reasons = [reason for _, reason in pub.rejected_events]
+            self.assertIn('field "value" must fit in 64 bits', reasons[0])
+            self.assertIn('field "colour" is unknown', reasons[1])
+
+        return Deferred.fromCoroutine(go())
+
+    def test_a_batch_too_large_is_sent_in_halves(self) -> Deferred[None]:
+        async def go() -> None:
+            server = await self.serve()
+            pub = self.publisher(server)
+            text = "x" * 60_000
+            lines = [
+                {
+                    "type": "log",
+                    "run": "remote",
+                    "level": "info",
+                    "message": f"{i} {text}",
+                    "time": 1.0,
+                }
+                for i in range(200)  # 12 MB: over the 8 MiB a request may carry
+            ]
+            pub._put(lines)
+            self.assertTrue(await deferToThread(pub.flush, 30))
+            got = [r.event["message"] for r in server.hub.store.after(0, lambda r: r.type == "log")]
+            self.assertEqual([str(m).split()[0] for m in got], [str(i) for i in range(200)])
+            self.assertEqual(pub.rejected, 0)
+
+        return Deferred.fromCoroutine(go())
+
+
 class PublisherInputTests(SynchronousTestCase):
     def test_bad_input_raises_in_the_caller(self) -> None:
         pub = Publisher("http://127.0.0.1:9", "r", report_every=0, flush_at_exit=0)

@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import http.client
 import json
+import logging
 import threading
 import time
 import urllib.parse
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from trainstream.watch import Event as WatchEvent, Reset
 
 Event = dict[str, object]
+
+_logger = logging.getLogger(__name__)
 
 
 def api_base(url: str) -> tuple[str, str, int, str]:
@@ -96,8 +99,11 @@ class Publisher:
         self.linger = linger
         #: events dropped because the queue was full (server unreachable)
         self.dropped = 0
-        #: events the server refused (should not happen: log() checks them)
+        #: events the server refused for good (should not happen: log()
+        #: checks them); the others of their batch are sent all the same
         self.rejected = 0
+        #: the latest refused events with the server's reason (at most 100)
+        self.rejected_events: deque[tuple[Event, str]] = deque(maxlen=100)
         #: events the server acknowledged (stored)
         self.sent = 0
         self.last_error: str | None = None
@@ -237,12 +243,13 @@ class Publisher:
             if self.report_every and time.monotonic() - last_report >= self.report_every:
                 last_report = time.monotonic()
                 batch.extend(self._own_metrics())
-            ok = self._send(batch)
+            unsent = self._send(batch)
+            ok = not unsent
             with self._wake:
                 if not ok:  # keep them, oldest first, within the bound
                     room = self.max_queue - len(self._queue)
-                    keep = batch[-room:] if room > 0 else []
-                    self.dropped += len(batch) - len(keep)
+                    keep = unsent[-room:] if room > 0 else []
+                    self.dropped += len(unsent) - len(keep)
                     self._queue.extendleft(reversed(keep))
                 self._in_flight = 0
                 self._wake.notify_all()
@@ -273,8 +280,46 @@ class Publisher:
             for name, value in values.items()
         ]
 
-    def _send(self, batch: list[Event]) -> bool:
-        """POST one batch; ``True`` once stored or refused for good."""
+    def _send(self, batch: list[Event]) -> list[Event]:
+        """
+        POST one batch; return what is still to send later (empty once all
+        of it is stored or refused for good).
+
+        The server takes a batch all or nothing, so an event it refuses
+        (400, naming its index) is taken out, reported and counted in
+        ``rejected``, and the rest is sent again; a batch too large (413) is
+        sent in halves.
+        """
+        while batch:
+            status, answer = self._post(batch)
+            if status is None:
+                return batch  # unreachable: retry later
+            if status == 200:
+                self.sent += len(batch)
+                self.last_error = None
+                return []
+            message = _error_text(answer)
+            self.last_error = f"server answered {status}: {message}"
+            if status == 413 and len(batch) > 1:
+                half = len(batch) // 2
+                rest = self._send(batch[:half])
+                if rest:
+                    return rest + batch[half:]
+                batch = batch[half:]
+                continue
+            if status not in (400, 413):
+                self._drop_connection()
+                return batch  # 401 (token), 5xx: retry later
+            index = _error_index(answer)
+            if index is None or not 0 <= index < len(batch) or len(batch) == 1:
+                self._reject(batch, message)  # will never be accepted: do not retry
+                return []
+            self._reject([batch[index]], message)
+            batch = batch[:index] + batch[index + 1 :]
+        return []
+
+    def _post(self, batch: list[Event]) -> tuple[int | None, bytes]:
+        """``(status, body)`` of one POST, ``(None, b"")`` when the server is unreachable."""
         body = encode_json(batch).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
@@ -287,18 +332,15 @@ class Publisher:
         except (OSError, http.client.HTTPException) as e:
             self.last_error = f"{self.host}:{self.port} unreachable: {e}"
             self._drop_connection()
-            return False
-        if response.status == 200:
-            self.sent += len(batch)
-            self.last_error = None
-            return True
-        message = _error_text(answer)
-        self.last_error = f"server answered {response.status}: {message}"
-        if response.status in (400, 413):
-            self.rejected += len(batch)  # will never be accepted: do not retry
-            return True
-        self._drop_connection()
-        return False  # 401 (token), 5xx: retry later
+            return None, b""
+        return response.status, answer
+
+    def _reject(self, events: list[Event], message: str) -> None:
+        """The server refused ``events`` for good: count them, say which and why."""
+        self.rejected += len(events)
+        self.rejected_events.extend((event, message) for event in events)
+        shown = encode_json(events[0])[:200] if len(events) == 1 else f"{len(events)} events"
+        _logger.warning("trainstream publisher %s: server refused %s: %s", self.run, shown, message)
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._connection is None:
@@ -318,6 +360,15 @@ class Publisher:
     def _at_exit(self, timeout: float) -> None:
         if self._thread.is_alive():
             self.close(timeout)
+
+
+def _error_index(answer: bytes) -> int | None:
+    """The ``index`` of a 400 answer: which event of the batch was refused."""
+    try:
+        index = json.loads(answer).get("index")
+    except (ValueError, AttributeError):
+        return None
+    return index if type(index) is int else None
 
 
 def _error_text(answer: bytes) -> str:

@@ -22,6 +22,7 @@ Choices this module makes where the protocol leaves room:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import numbers
@@ -113,13 +114,22 @@ class EventError(ValueError):
     :ivar index: position of the bad event in its batch, or ``None`` when
         the problem is not in one event (the body, the batch itself).
     :ivar field: name of the offending field, or ``None``.
+    :ivar detail: what is wrong, without where (``message`` says where): the
+        same text whichever entry point (REST, WebSocket, ``run.log``) met it.
     """
 
-    def __init__(self, message: str, index: int | None = None, field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        index: int | None = None,
+        field: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.index = index
         self.field = field
+        self.detail = message if detail is None else detail
 
     def to_json(self) -> dict[str, object]:
         """
@@ -361,7 +371,7 @@ def _show(value: object) -> str:
 
 def _fail(index: int, field: str | None, problem: str) -> NoReturn:
     where = f"field {_show(field)} " if field is not None else ""
-    raise EventError(f"event {index}: {where}{problem}", index, field)
+    raise EventError(f"event {index}: {where}{problem}", index, field, where + problem)
 
 
 # Names seen valid before (a training run logs the same few thousand over and
@@ -593,9 +603,13 @@ def _required(item: Mapping[str, object], field: str, index: int) -> object:
     value = item.get(field)
     if value is None:
         if field in item:
-            _fail(index, field, "is required and must not be null")
+            _null(index, field)
         _fail(index, field, f'is missing (required for type "{item["type"]}")')
     return value
+
+
+def _null(index: int, field: str) -> NoReturn:
+    _fail(index, field, "is required and must not be null")
 
 
 def _check_size(event: dict[str, object], index: int, limits: Limits) -> None:
@@ -692,44 +706,61 @@ def validate_events(
     return [validate_event(item, index, limits, now) for index, item in enumerate(items)]
 
 
-_SPECIAL_VALUES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
 def metric_events(
-    run: str, metrics: Mapping[str, object], step: object, t: float, checked: set[str]
+    run: str, metrics: Mapping[str, object], step: object, t: object, checked: set[str]
 ) -> list[dict[str, object]]:
     """
     The metric events of one ``log(metrics, step)`` call (``Run.log`` and
-    ``client.Publisher.log``), checked cheaply enough for a training loop:
-    each name is validated once (then remembered in ``checked``), values of
-    other number types (numpy, torch scalars) become floats.
+    ``client.Publisher.log``), checked by the very functions
+    :func:`validate_event` uses for each field, so a value REST refuses is
+    refused here with the same :attr:`EventError.detail`. Names that pass go
+    into ``checked`` (the caller's fast path may skip their check then).
 
-    :raises EventError: naming the field; nothing of the call is kept then.
+    One thing only Python callers can pass goes further than JSON: a value
+    that is no ``numbers.Real`` but converts with ``float()`` (a torch
+    scalar tensor, a ``Decimal``) is that float, then checked as any.
+
+    :param t: the events' time (Unix seconds).
+    :raises EventError: naming the run, the metric(s) and the field; nothing
+        of the call is kept then.
     """
-    if type(step) is not int or step < 0:
-        raise EventError(f'run {run!r}: "step" must be an integer >= 0, got {step!r}', field="step")
+    try:
+        t = _check_time(t, 0)
+        step = _check_int(step, 0, "step", 0)
+    except EventError as e:
+        shown = ", ".join(_show(name) for name in itertools.islice(metrics, 3))
+        more = ", ..." if len(metrics) > 3 else ""
+        where = f"run {_show(run)}" + (
+            f", metric{'s' if len(metrics) > 1 else ''} {shown}{more}" if metrics else ""
+        )
+        raise EventError(f"{where}: {e.detail}", field=e.field, detail=e.detail) from None
     events: list[dict[str, object]] = []
     for name, value in metrics.items():
-        if name not in checked:
-            validate_event({"type": "metric", "run": run, "name": name, "step": step, "value": 0})
-            checked.add(name)
-        kind = type(value)
-        if kind is not float and kind is not int:
-            value = _loose_number(run, name, value)
+        try:
+            if name not in checked:
+                checked.add(_check_name(name, 0, "name", MAX_NAME_LENGTH))
+            kind = type(value)
+            if kind is not float:
+                if kind is not int and isinstance(value, float):
+                    value = float(value)  # numpy.float64: every float is a value
+                elif value is None:
+                    _null(0, "value")
+                else:
+                    value = _check_value(_python_number(value), 0)
+        except EventError as e:
+            where = f"run {_show(run)}, metric {_show(name)}"
+            raise EventError(f"{where}: {e.detail}", field=e.field, detail=e.detail) from None
         events.append(
             {"type": "metric", "run": run, "time": t, "name": name, "step": step, "value": value}
         )
     return events
 
 
-def _loose_number(run: str, name: str, value: object) -> float:
-    if isinstance(value, str) and value in _SPECIAL_VALUES:
-        return _SPECIAL_VALUES[value]
-    if not isinstance(value, bool):
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            pass
-    raise EventError(
-        f'run {run!r}, metric {name!r}: "value" must be a number, got {value!r}', field="value"
-    )
+def _python_number(value: object) -> object:
+    """``value``, or its ``float()`` when it is a Python-only number (see ``metric_events``)."""
+    if isinstance(value, (str, bytes, bool, numbers.Number)) or not hasattr(value, "__float__"):
+        return value
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return value  # refused by _check_value, which names it

@@ -52,6 +52,22 @@ class ServerCollector(Collector):
             "Events from this id on are still held (older ones were trimmed)",
             value=hub.store.oldest_id,
         )
+        store = hub.store.health()
+        yield GaugeMetricFamily(
+            "trainstream_store_degraded",
+            "1 while the history is in trouble (GET /api/health says why), else 0",
+            value=1 if store.problems else 0,
+        )
+        yield CounterMetricFamily(
+            "trainstream_store_writer_restarts",
+            "Times the history's writer process was started again after it died",
+            value=store.writer_restarts,
+        )
+        yield CounterMetricFamily(
+            "trainstream_store_events_lost",
+            "Accepted events the history could not store at all",
+            value=store.events_lost,
+        )
         clients = GaugeMetricFamily(
             "trainstream_clients", "Open streaming clients by kind", labels=["kind"]
         )

@@ -109,18 +109,34 @@ class Run:
         """
         Queue one metric event per ``{name: value}`` at ``step``.
 
-        :raises EventError: at once, naming the field, for a bad name, step
-            or value; nothing of this call is queued then.
+        :raises EventError: at once, naming the run, the metric and the
+            field, for a bad name, step, value or time (the rules of
+            ``POST /api/events``); nothing of this call is queued then.
         """
         t = time.time() if time_s is None else time_s
-        if type(step) is int and step >= 0 and type(metrics) is dict:
-            # The common call: known names, plain numbers. Queue them as they
-            # are (floats and ints are immutable); the reactor thread builds
-            # the events. Anything else takes the checking path below.
+        # The common call: known names, plain numbers well inside the rules
+        # (a float time >= 0 and finite, a step and int values in 64 bits).
+        # Queue them as they are (floats and ints are immutable); the reactor
+        # thread builds the events. Anything else, valid or not, takes
+        # metric_events, which applies every rule of validate_event.
+        if (
+            type(step) is int
+            and 0 <= step <= 9223372036854775807  # 2**63 - 1
+            and type(metrics) is dict
+            and (
+                time_s is None  # time.time(): a float >= 0, finite
+                or (type(t) is float and 0.0 <= t <= 1.7976931348623157e308)  # NaN fails too
+            )
+        ):
             checked = self._checked_names
             for name, value in metrics.items():
                 kind = type(value)
-                if (kind is not float and kind is not int) or name not in checked:
+                if name not in checked or (
+                    kind is not float
+                    and (
+                        kind is not int or not -9223372036854775808 <= value <= 9223372036854775807
+                    )
+                ):
                     break
             else:
                 self._inbox.put_metrics((self.name, t, step, metrics.copy()))

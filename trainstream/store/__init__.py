@@ -52,6 +52,23 @@ class SeriesSummary:
     last_id: int
 
 
+@frozen
+class StoreHealth:
+    """
+    How a history is doing, for ``GET /api/health`` and ``/metrics``.
+
+    :ivar problems: what is wrong now, each naming the history and what
+        happened (empty: all is well).
+    :ivar writer_restarts: times a writer (process) was started again after
+        it died.
+    :ivar events_lost: accepted events that could not be stored at all.
+    """
+
+    problems: tuple[str, ...] = ()
+    writer_restarts: int = 0
+    events_lost: int = 0
+
+
 class Store(Protocol):
     """What the Hub, the runs registry and the REST API need of a history."""
 
@@ -119,6 +136,9 @@ class Store(Protocol):
     def close(self) -> None:
         """Release what the store holds open."""
 
+    def health(self) -> StoreHealth:
+        """How the store is doing now (cheap: never waits on the disk)."""
+
 
 def _max_key(value: float) -> tuple[int, float]:
     # NaN ranks above +Infinity: a bucket holding a NaN shows it as its maximum.
@@ -165,4 +185,4 @@ def downsample(points: Sequence[Point], max_points: int) -> tuple[list[Point], b
     return out, True
 
 
-__all__ = ["Point", "Record", "Store", "downsample"]
+__all__ = ["Point", "Record", "Store", "StoreHealth", "downsample"]

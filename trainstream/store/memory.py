@@ -13,7 +13,7 @@ from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 
-from trainstream.store import Point, Record, downsample
+from trainstream.store import Point, Record, StoreHealth, downsample
 
 
 def records_after(
@@ -126,3 +126,6 @@ class MemoryStore:
 
     def close(self) -> None:
         self._records.clear()
+
+    def health(self) -> StoreHealth:
+        return StoreHealth()

@@ -1,5 +1,5 @@
 """
-The durable history: SQLite in WAL mode, written by one thread of its own.
+The durable history: SQLite in WAL mode, written off the reactor thread.
 
 The reactor never waits on disk for a write: ``append`` hands records to the
 writer thread and returns; the writer commits whatever has queued up in one
@@ -9,6 +9,16 @@ once committed, so a crash of the process loses nothing acknowledged.
 
 The newest events also stay in memory (``cache_events``), so live clients,
 short replays and the runs registry rarely touch the disk.
+
+The writer thread feeds a writer process (``writer.py``). Nothing that
+process does can fail the store for good: if it dies (killed, crashed), the
+thread starts another and sends it the batch that was not committed (unless
+the file shows it was), so nothing accepted is lost and ids stay as given;
+meanwhile ``health()`` says so. A row SQLite cannot take (an integer past 64
+bits, which every entry point refuses, but a store does not count on it) is
+kept out of its transaction, and only its ``sync()`` callers are told. A
+batch the process refuses every time is given up after ``_ATTEMPTS``, with
+the same kind of error for its callers only.
 
 Schema version 1; a migration is a function from version N to N+1 run in one
 transaction at open (see ``_MIGRATIONS``); a file newer than this code is
@@ -30,6 +40,7 @@ import math
 import os
 import pickle
 import queue
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -41,13 +52,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 import trainstream
 from trainstream.errors import StoreError
-from trainstream.store import Point, Record, SeriesSummary, downsample, rollup
+from trainstream.store import (
+    Point,
+    Record,
+    SeriesSummary,
+    StoreHealth,
+    downsample,
+    rollup,
+)
 from trainstream.store.memory import records_after
 from trainstream.store.writer import connect
 
@@ -95,32 +113,111 @@ _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
 
 _STOP = object()
 
+#: Times one batch is sent to a writer process (each death or failed write
+#: counts) before it is given up: a batch that fails every time must not
+#: hold up the ones after it.
+_ATTEMPTS = 5
+#: Seconds between looks, while idle, at whether the writer process lives.
+_WATCH_INTERVAL = 0.5
+
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+class _WriterGoneError(Exception):
+    """The writer process is gone (killed, crashed) or could not be started."""
+
+
+def _brief(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int64(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and _INT_MIN <= value <= _INT_MAX
+
+
+def _row_problem(row: tuple[Any, ...]) -> str | None:
+    """
+    Why SQLite (or the pipe to the writer process) cannot take ``row``, or
+    ``None``. Every entry point validates events, so this is the last line:
+    a row that would fail the whole transaction is kept out of it instead.
+    """
+    event_id, kind, run, name, step, value, t, text, segment = row
+    if kind == "metric" and step is None:
+        return 'a metric event without "step"'
+    for field, number in (("id", event_id), ("step", step), ("segment", segment)):
+        if (number is not None or field == "id") and not _is_int64(number):
+            return f'"{field}" is {_brief(number)}, not an integer in the 64-bit range'
+    if value is not None and not (isinstance(value, float) or _is_int64(value)):
+        return f'"value" is {_brief(value)}, not a float or a 64-bit integer'
+    if not (isinstance(t, float) or _is_int64(t)) or not math.isfinite(t):
+        return f'"time" is {_brief(t)}, not a finite number'
+    for field, string in (("type", kind), ("run", run), ("name", name), ("json", text)):
+        if string is None and field == "name":
+            continue
+        if not isinstance(string, str):
+            return f'"{field}" is {_brief(string)}, not a string'
+        if not string.isascii():
+            try:
+                string.encode("utf-8")
+            except UnicodeEncodeError:
+                return f'"{field}" has a lone surrogate, which UTF-8 cannot encode'
+    return None
+
 
 def _row(r: Record) -> tuple[Any, ...]:
     e = r.event
     value = e.get("value")
-    if not isinstance(value, int | float) or value != value:
-        value = None  # not a metric, or NaN: SQLite would store NULL anyway
+    if isinstance(value, float) and value != value:
+        value = None  # NaN: SQLite would store NULL anyway
     segment = r.segment if r.type == "metric" else None
-    return (r.id, r.type, r.run, r.name, e.get("step"), value, e["time"], r.json, segment)
+    return (r.id, r.type, r.run, r.name, e.get("step"), value, e.get("time"), r.json, segment)
 
 
 def _add_rows(
-    records: Sequence[Record], rows: list[tuple[Any, ...]], series: dict[tuple[str, str], list[Any]]
+    records: Sequence[Record],
+    rows: list[tuple[Any, ...]],
+    series: dict[tuple[str, str], list[Any]],
+    bad: list[tuple[int, str]],
 ) -> None:
-    """One pass over a batch: its rows, and its series summaries (writer thread)."""
+    """
+    One pass over a batch: its rows, and its series summaries (writer
+    thread). A record SQLite cannot take goes to ``bad`` as ``(id, why)``.
+    """
     append = rows.append
     for r in records:
-        if r.type != "metric":
-            append(_row(r))
-            continue
         e = r.event
-        value, step, t = e["value"], e["step"], e["time"]
-        stored = value if value == value else None  # SQLite has no NaN
-        append((r.id, "metric", r.run, r.name, step, stored, t, r.json, r.segment))
+        step: Any = e.get("step")
+        value: Any = e.get("value")
+        t: Any = e.get("time")
+        kind = type(value)
+        if (
+            r.type == "metric"
+            and type(step) is int
+            and 0 <= step <= 9223372036854775807
+            and (kind is float or (kind is int and _INT_MIN <= value <= _INT_MAX))
+            and type(t) is float
+            and -1.8e308 < t < 1.8e308
+            and r.json.isascii()  # so are its run and name, which it holds
+        ):
+            # The common row, plainly fine: no need to look at every field.
+            stored = None if value != value else value  # NaN: SQLite has no NaN
+            append((r.id, "metric", r.run, r.name, step, stored, t, r.json, r.segment))
+        else:
+            row = _row(r)
+            problem = _row_problem(row)
+            if problem is not None:
+                bad.append((r.id, problem))
+                continue
+            append(row)
+            if r.type != "metric":
+                continue
+            stored, step, t = row[5], row[4], row[6]
         key = (r.run, r.name or "")
         summary = series.get(key)
-        finite = stored if stored is not None and -math.inf < stored < math.inf else None  # type: ignore[operator]
+        finite = stored if stored is not None and -math.inf < stored < math.inf else None
         if summary is None:
             series[key] = [r.segment, step, 1, finite, finite, stored, t, r.id]
             continue
@@ -246,28 +343,57 @@ class SQLiteStore:
         self._call_from_thread = call_from_thread
         self._cache: deque[Record] = deque(maxlen=cache_events)
         self._appended = self._last_id  # highest id handed to the writer
-        self._committed = self._last_id  # highest id the writer committed
-        self._waiters: list[tuple[int, Deferred[None]]] = []
+        # Highest id the writer is done with: committed, or given up (lost).
+        self._done = self._last_id
+        self._written = self._last_id  # the same, as the writer thread knows it
+        # sync() callers: (what was done when it was called, the id it waits
+        # for, its Deferred); and the id ranges given up, to fail theirs.
+        self._waiters: list[tuple[int, int, Deferred[None]]] = []
+        self._lost: list[tuple[int, int, str]] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._failure: BaseException | None = None
         self._trims: list[Deferred[int]] = []
         self._now: Callable[[], float] = time.time
         self._closed = False
+        self._closing = threading.Event()
+        # Set by the writer thread while its process is down or failing:
+        # what happened, for health (None: all is well).
+        self._down: str | None = None
+        self._failures = 0  # in a row, for the pause between attempts
+        #: Times the writer process was started again after it died.
+        self.writer_restarts = 0
+        #: Accepted events that could not be stored (see ``_give_up``).
+        self.events_lost = 0
         # The writer runs in a process of its own (see writer.py); this
         # thread feeds it. The package is found there as it is here.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(trainstream.__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self._child = subprocess.Popen(
-            [sys.executable, "-m", "trainstream.store.writer", os.path.abspath(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
+        self._env = env
+        try:
+            self._child: subprocess.Popen[bytes] | None = self._spawn()
+        except OSError as e:
+            self._db.close()
+            self._lock.release()
+            raise StoreError(f"history file {path}: cannot start its writer process: {e}") from None
         self._writer = threading.Thread(
             target=self._write_loop, name="trainstream-sqlite", daemon=True
         )
         self._writer.start()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """
+        Start a writer process. In a session of its own: a terminal's Ctrl-C
+        (SIGINT to its foreground process group) is for the server to
+        handle, which then commits what is queued and stops its writer; the
+        writer also ends when its stdin does (the server is gone).
+        """
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainstream.store.writer", os.path.abspath(self.path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=self._env,
+            start_new_session=True,
+        )
 
     # Store
 
@@ -282,26 +408,39 @@ class SQLiteStore:
     def append(self, records: Sequence[Record]) -> None:
         if not records:
             return
-        if self._failure is not None:
-            raise StoreError(str(self._failure))
+        if self._closed:
+            raise StoreError(f"history file {self.path} is closed")
         self._cache.extend(records)
         self._last_id = records[-1].id
         self._appended = self._last_id
         self._queue.put(records)
 
     def sync(self) -> Deferred[None]:
-        """Fires once everything appended so far is committed."""
-        if self._failure is not None:
-            return fail(
-                self._failure
-                if isinstance(self._failure, StoreError)
-                else StoreError(f"history file {self.path} cannot be written: {self._failure}")
-            )
-        if self._committed >= self._appended:
+        """
+        Fires once everything appended so far is committed; fails with
+        ``StoreError`` if some of it could not be stored at all.
+        """
+        if self._done >= self._appended:
             return succeed(None)
         d: Deferred[None] = Deferred()
-        self._waiters.append((self._appended, d))
+        self._waiters.append((self._done, self._appended, d))
         return d
+
+    def health(self) -> StoreHealth:
+        """
+        Degraded while the writer process is down, being restarted or
+        failing to write; it says so before the writer thread notices.
+        """
+        down = self._down
+        child = self._child
+        if down is None and not self._closed and child is not None:
+            code = child.poll()  # no wait: WNOHANG
+            if code is not None:
+                down = (
+                    f"history file {self.path}: the writer process {_exit_text(code)}; "
+                    "it is being restarted"
+                )
+        return StoreHealth((down,) if down else (), self.writer_restarts, self.events_lost)
 
     def after(
         self, after_id: int, match: Callable[[Record], bool], limit: int | None = None
@@ -478,14 +617,26 @@ class SQLiteStore:
             d.callback(self._floor)
 
     def close(self) -> None:
-        """Commit what is queued, stop the writer, release the file."""
+        """
+        Commit what is queued, stop the writer, release the file (always:
+        the same process may open it again at once).
+        """
         if self._closed:
             return
         self._closed = True
+        self._closing.set()  # no more pauses between attempts
         self._queue.put(_STOP)
-        self._writer.join(30)
-        self._db.close()
-        self._lock.release()
+        try:
+            self._writer.join(60)
+            child = self._child
+            if self._writer.is_alive() and child is not None:
+                # Stuck: it must not write once another may own the file.
+                _log.error("history file {path}: writer stuck; killing it", path=self.path)
+                child.kill()
+                child.wait(10)
+        finally:
+            self._db.close()
+            self._lock.release()
 
     # The writer thread
 
@@ -493,84 +644,272 @@ class SQLiteStore:
         """
         The writer thread: batches what has queued up into ready rows and
         hands them to the writer process (``writer.py``), one transaction at
-        a time, then tells the reactor how far the file got.
+        a time, then tells the reactor how far the file got. A writer
+        process that dies is started again and given the batch it had not
+        committed; nothing here ends this thread but ``close()``.
         """
-        child = self._child
-        assert child.stdin is not None and child.stdout is not None
         series: dict[tuple[str, str], list[Any]] = {}
         stop = False
         while not stop:
-            items = [self._queue.get()]
+            try:
+                items = [self._queue.get(timeout=_WATCH_INTERVAL)]
+            except queue.Empty:
+                self._watch()
+                continue
             while True:  # take everything queued: one transaction for all
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            ops: list[tuple[Any, ...]] = []
-            trims: list[tuple[float | None, int | None]] = []
-            rows: list[tuple[Any, ...]] = []
-            last = 0
-
-            for item in items:  # in queue order: a delete after inserts sees them
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, tuple) and item[0] == "trim":
-                    trims.append((item[1], item[2]))
-                elif isinstance(item, tuple):
-                    if rows:
-                        ops.append(_rows_op(rows, series, last))
-                        rows = []
-                    ops.append(item)
-                else:
-                    _add_rows(item, rows, series)
-                    last = item[-1].id
-            if rows:
-                ops.append(_rows_op(rows, series, last))
-            if not ops and not trims:
-                continue
+            stop = any(item is _STOP for item in items)
             try:
-                pickle.dump((ops, trims), child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                child.stdin.flush()
-                committed, error, floors = pickle.load(child.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as e:
-                self._failure = StoreError(
-                    f"history file {self.path}: the writer process died ({e!r}); "
-                    "events since the last acknowledgement are not stored"
-                )
-                _log.error("history file {path}: writer process died: {e}", path=self.path, e=e)
-                self._call_from_thread(self._on_failure)
+                self._write_batch(items, series)
+            except Exception:  # a bug: lose this batch, never the store
+                series.clear()
+                _log.failure("history file {path}: writing a batch failed", path=self.path)
+                batches = [i for i in items if i is not _STOP and not isinstance(i, tuple)]
+                if batches:
+                    first, last = batches[0][0].id, batches[-1][-1].id
+                    self._give_up(first, last, "an internal error", last - first + 1)
+        self._stop_child()
+
+    def _write_batch(self, items: list[Any], series: dict[tuple[str, str], list[Any]]) -> None:
+        ops: list[tuple[Any, ...]] = []
+        trims: list[tuple[float | None, int | None]] = []
+        rows: list[tuple[Any, ...]] = []
+        bad: list[tuple[int, str]] = []
+        first = last = 0
+        pending = False  # records since the last op
+        for item in items:  # in queue order: a delete after inserts sees them
+            if item is _STOP:
+                continue
+            if isinstance(item, tuple) and item[0] == "trim":
+                trims.append((item[1], item[2]))
+            elif isinstance(item, tuple):
+                if pending:
+                    ops.append(_rows_op(rows, series, last))
+                    rows, pending = [], False
+                ops.append(item)
+            else:
+                _add_rows(item, rows, series, bad)
+                first = first or item[0].id
+                last = item[-1].id
+                pending = True
+        if pending:
+            # Even with no rows left (all bad), so the file's last id moves on.
+            ops.append(_rows_op(rows, series, last))
+        for event_id, problem in bad:
+            self.events_lost += 1
+            message = f"history file {self.path}: event {event_id} cannot be stored: {problem}"
+            _log.error("{problem}", problem=message)
+            self._lose(event_id, event_id, message)
+        if ops or trims:
+            self._commit(ops, trims, first, last)
+
+    def _commit(
+        self,
+        ops: list[tuple[Any, ...]],
+        trims: list[tuple[float | None, int | None]],
+        first: int,
+        last: int,
+    ) -> None:
+        """
+        Have one batch committed, whatever it takes: a writer process that
+        died is replaced and sent the batch again (unless the file shows it
+        had committed it). Given up after ``_ATTEMPTS``.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                _, error, floors = self._exchange((ops, trims))
+            except _WriterGoneError as e:
+                self._died(str(e))
+                if last and ops and self._disk_last_id() >= last:
+                    ops = []  # it had committed them: only the trims are left
+                reason = f"the writer process {e}"
+            else:
+                if error is None:
+                    break
+                # The transaction was rolled back: nothing of it is stored.
+                self._failures += 1
+                reason = f"write failed: {error}"
+                self._down = f"history file {self.path}: {reason}; retrying"
+                _log.error("{problem}", problem=self._down)
+            if attempt >= _ATTEMPTS:
+                rows = sum(len(op[1]) for op in ops if op[0] == "rows")
+                reason = f"{reason}; tried {_ATTEMPTS} times"
+                self._give_up(first, last, reason, rows, len(trims) > 0)
                 return
-            if error is not None:
-                _log.error("history file {path}: write failed: {e}", path=self.path, e=error)
-                self._failure = StoreError(f"history file {self.path}: write failed: {error}")
-                self._call_from_thread(self._on_failure)
-            if committed:
-                self._call_from_thread(self._on_commit, committed)
-            for floor in floors:
-                if floor != -1:
-                    self._call_from_thread(
-                        self._on_trim, self._committed + 1 if floor is None else floor
-                    )
+            self._pause()
+        if self._down is not None:
+            _log.info("history file {path}: the writer is back", path=self.path)
+        self._down = None
+        self._failures = 0
+        if last:
+            self._written = last
+            self._call_from_thread(self._on_commit, last)
+        for floor in floors:
+            if isinstance(floor, str):  # the retention failed: the floor stays
+                _log.error("history file {path}: {e}", path=self.path, e=floor)
+                self._call_from_thread(self._on_trim, 0)
+            else:  # None: the file holds no event, the next id is the floor
+                self._call_from_thread(self._on_trim, self._written + 1 if floor is None else floor)
+
+    def _exchange(self, message: object) -> Any:
+        """Send ``message`` to the writer process (started if needed), return its answer."""
+        child = self._child
+        if child is None:
+            try:
+                child = self._child = self._spawn()
+            except OSError as e:
+                raise _WriterGoneError(f"could not be started ({e})") from None
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            pickle.dump(message, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            child.stdin.flush()
+            return pickle.load(child.stdout)
+        except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+            raise _WriterGoneError(_exit_text(_reap(child))) from None
+
+    def _died(self, reason: str) -> None:
+        """The writer process is gone: say so; the next exchange starts another."""
+        child, self._child = self._child, None
+        if child is not None:
+            _reap(child)
+        self.writer_restarts += 1
+        self._failures += 1
+        self._down = f"history file {self.path}: the writer process {reason}; restarting it"
+        _log.error("{problem}", problem=self._down)
+
+    def _watch(self) -> None:
+        """Idle: if the writer process died, start another now, not at the next batch."""
+        child = self._child
+        code = None if child is None else child.poll()
+        if child is not None and code is None:
+            return
+        if code is not None:
+            self._died(_exit_text(code))
+        else:
+            self._pause()  # none could be started: not in a tight loop
+        try:
+            self._exchange(([], []))  # starts one; it answers once the file is open
+        except _WriterGoneError as e:
+            self._died(str(e))
+            return
+        _log.info("history file {path}: the writer is back", path=self.path)
+        self._down = None
+        self._failures = 0
+
+    def _pause(self) -> None:
+        """Between attempts: longer the more failed in a row (none once closing)."""
+        self._closing.wait(min(5.0, 0.05 * 2 ** max(0, self._failures - 1)))
+
+    def _disk_last_id(self) -> int:
+        """The last id the file has committed (-1: unknown)."""
+        try:
+            db = sqlite3.connect(self.path, timeout=5)
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return -1
+        return int(row[0]) if row else -1
+
+    def _give_up(self, first: int, last: int, reason: str, rows: int, trims: bool = False) -> None:
+        """
+        The last resort for a batch that fails every time: its ``rows``
+        events (ids ``first`` to ``last``) are lost, their ``sync()``
+        callers are told, and the batches after it go on. The file's last
+        id still moves past them, so no id is ever given twice.
+        """
+        if rows:
+            self.events_lost += rows
+            message = (
+                f"history file {self.path}: events {first} to {last} could not be stored "
+                f"({reason}); they are lost"
+            )
+            _log.error("{problem}", problem=message)
+            self._lose(first, last, message)
+            try:
+                self._exchange(([("rows", [], [], last)], []))
+            except _WriterGoneError as e:
+                self._died(str(e))
+        if last:
+            self._written = max(self._written, last)
+            self._call_from_thread(self._on_commit, last)
+        if trims:
+            self._call_from_thread(self._on_trim, 0)
+
+    def _lose(self, first: int, last: int, message: str) -> None:
+        self._call_from_thread(self._on_lost, first, last, message)
+
+    def _stop_child(self) -> None:
+        """After the last batch: the writer process ends once its stdin does."""
+        child, self._child = self._child, None
+        if child is None:
+            return
+        assert child.stdin is not None
         try:
             pickle.dump(None, child.stdin)
-            child.stdin.close()
+            child.stdin.flush()
         except OSError:
-            pass
-        child.wait(30)
+            pass  # gone already
+        _reap(child, 30)
 
-    def _on_failure(self) -> None:
-        """Reactor thread: nothing more will be committed; tell who waits."""
-        waiters, self._waiters = self._waiters, []
-        for _, d in waiters:
-            d.errback(self._failure or StoreError(f"history file {self.path} cannot be written"))
+    # The reactor thread
 
-    def _on_commit(self, committed: int) -> None:
-        """Reactor thread: the writer has committed every id up to ``committed``."""
-        self._committed = max(self._committed, committed)
-        ready = [d for upto, d in self._waiters if upto <= self._committed]
-        self._waiters = [(upto, d) for upto, d in self._waiters if upto > self._committed]
-        for d in ready:
-            d.callback(None)
+    def _on_lost(self, first: int, last: int, message: str) -> None:
+        """Events ``first`` to ``last`` will never be stored."""
+        self._lost.append((first, last, message))
+        kept = [r for r in self._cache if not first <= r.id <= last]
+        if len(kept) != len(self._cache):
+            self._cache = deque(kept, maxlen=self._cache.maxlen)
+
+    def _on_commit(self, done: int) -> None:
+        """The writer is done with every id up to ``done`` (committed, or lost)."""
+        self._done = max(self._done, done)
+        ready = [w for w in self._waiters if w[1] <= self._done]
+        self._waiters = [w for w in self._waiters if w[1] > self._done]
+        for low, upto, d in ready:
+            lost = next((m for a, b, m in self._lost if a <= upto and b > low), None)
+            if lost is None:
+                d.callback(None)
+            else:
+                d.errback(StoreError(lost))
+        if self._lost:
+            # A later sync() starts above them: keep only what a waiter may need.
+            lowest = min((low for low, _, _ in self._waiters), default=self._done)
+            self._lost = [r for r in self._lost if r[1] > lowest]
+
+
+def _reap(child: subprocess.Popen[bytes], within: float = 2) -> int:
+    """
+    Close the pipes of a writer process that is done (or whose pipe broke),
+    and its exit status; killed if it lingers past ``within`` seconds.
+    """
+    for stream in (child.stdin, child.stdout):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    try:
+        return child.wait(within)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait(10)
+
+
+def _exit_text(code: int) -> str:
+    """``was killed by SIGKILL``, ``exited with status 1``, ..."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 class RetentionService(Service):

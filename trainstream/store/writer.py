@@ -11,13 +11,20 @@ Protocol (pickle frames, the parent is trusted): the parent sends ``(ops,
 trims)`` or ``None`` to stop; ``ops`` is a list of ``("rows", rows, series,
 last_id)`` and ``("delete", run)`` applied in order in one transaction,
 ``trims`` a list of ``(cutoff_time, max_bytes)`` applied after it. The child
-answers ``(committed_last_id, error, floors)``.
+answers ``(committed_last_id, error, floors)``: ``error`` (a string) when the
+transaction was rolled back, each floor the new oldest id, ``None`` for an
+empty history, or a string saying why that retention failed.
+
+The process ignores SIGINT (a terminal's Ctrl-C is the server's to handle:
+it commits what is queued, then closes this process's stdin) and ends when
+its stdin does, so it never outlives the server by more than a transaction.
 """
 
 from __future__ import annotations
 
 import itertools
 import pickle
+import signal
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -125,6 +132,7 @@ def _delete_through(db: sqlite3.Connection, last_id: int) -> None:
 
 
 def main(path: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     db = connect(path)
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
@@ -139,15 +147,16 @@ def main(path: str) -> None:
         last = 0
         try:
             last = apply(db, ops)
-        except sqlite3.Error as e:
-            error = str(e)
-        floors: list[int | None] = []
+        except Exception as e:  # rolled back; the server decides what next
+            error = f"{type(e).__name__}: {e}" if not isinstance(e, sqlite3.Error) else str(e)
+        floors: list[int | str | None] = []
         for cutoff, limit in trims:
             try:
                 floors.append(trim(db, cutoff, limit))
-            except sqlite3.Error as e:
-                error = f"retention: {e}"
-                floors.append(-1)
+            except Exception as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                floors.append(f"retention: {e}")
         pickle.dump((last, error, floors), sink, protocol=pickle.HIGHEST_PROTOCOL)
         sink.flush()
     db.close()
