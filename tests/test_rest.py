@@ -387,6 +387,7 @@ class OpenApiTests(RestTestCase):
             documented = {(p, m.upper()) for p, item in doc["paths"].items() for m in item}
             documented -= {(p, "PARAMETERS") for p in doc["paths"]}
             expected = {
+                ("/api", "GET"),
                 ("/api/health", "GET"),
                 ("/api/events", "GET"),
                 ("/api/events", "POST"),
@@ -402,7 +403,7 @@ class OpenApiTests(RestTestCase):
             self.assertEqual(documented, expected)
             # Every Klein route is one of them.
             for rule in RestApi.app.url_map.iter_rules():
-                path = "/api" + rule.rule.replace("<path:tail>", "{run}")
+                path = ("/api" + rule.rule.replace("<path:tail>", "{run}")).rstrip("/")
                 for method in rule.methods - {"HEAD", "OPTIONS"}:
                     self.assertIn((path, method), documented)
 

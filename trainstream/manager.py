@@ -159,8 +159,10 @@ class StreamServerManager:
         self._refcount -= 1
         if self._refcount == 0 and self._server is not None:
             server, self._server = self._server, None
-            await server.stop()
-            server.close()
+            try:
+                await server.stop()
+            finally:
+                server.close()  # whatever the stop said: the history file is freed
 
     async def _restart(self) -> StreamServer:
         server = self._server
@@ -176,8 +178,10 @@ class StreamServerManager:
         self._refcount = 0
         server, self._server = self._server, None
         if server is not None:
-            await server.stop()
-            server.close()
+            try:
+                await server.stop()
+            finally:
+                server.close()
 
     def _hook_shutdown(self) -> None:
         """When the reactor stops (process exit), free the ports first."""

@@ -480,7 +480,11 @@ class StreamServer(MultiService):
             self.start()
 
     def stopService(self) -> Deferred[None]:
-        return self.stop().addCallback(lambda _: self.close())
+        def closed(result: object) -> object:
+            self.close()  # whatever the stop said: the history file is freed
+            return result
+
+        return self.stop().addBoth(closed)
 
     # Information
 

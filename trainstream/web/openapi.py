@@ -232,7 +232,10 @@ def _schemas() -> dict[str, Any]:
                 "clients",
             ],
             "properties": {
-                "status": {"const": "ok"},
+                "status": {"enum": ["ok", "degraded"]},
+                "reason": {"type": "string", "description": "degraded: the first reason"},
+                "reasons": {"type": "array", "items": {"type": "string"}},
+                "store": {"type": "object", "description": "writer restarts, events lost"},
                 "version": {"type": "string"},
                 "uptime_s": {"type": "number"},
                 "last_id": {"type": "integer"},
@@ -449,12 +452,44 @@ def _paths() -> dict[str, Any]:
     bad_request = _error("a query parameter is wrong; 'parameter' names it")
     unknown_run = _error("no such run")
     return {
+        "/api": {
+            "get": {
+                "operationId": "index",
+                "summary": "An index of the API, with links",
+                "responses": {
+                    "200": _json_body(
+                        {
+                            "type": "object",
+                            "required": ["name", "version", "links", "urls"],
+                            "properties": {
+                                "name": {"const": "trainstream"},
+                                "version": {"type": "string"},
+                                "links": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "urls": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                            },
+                        },
+                        "what this server offers",
+                    )
+                },
+            }
+        },
         "/api/health": {
             "get": {
                 "operationId": "health",
                 "summary": "Liveness, ids and listeners; never needs a token",
                 "security": [],
-                "responses": {"200": _json_body(_ref("Health"), "the server is up")},
+                "responses": {
+                    "200": _json_body(_ref("Health"), "the server is up"),
+                    "503": _json_body(
+                        _ref("Health"), "degraded: 'reasons' says what is in trouble"
+                    ),
+                },
             }
         },
         "/api/events": {
