@@ -20,6 +20,7 @@ from tests.clients import connect_sse
 from tests.test_processes import spawn_twistd
 from trainstream.errors import StoreError
 from trainstream.hub import Hub
+from trainstream.service import StreamServer
 from trainstream.store.sqlite import SQLiteStore
 
 
@@ -223,6 +224,33 @@ class CrashTests(TestCase):
             self.assertIn(f"history file {db} is in use", text)
             self.assertIn(f"pid {first.transport.pid}", text)
             self.assertNotIn("Traceback", text)
+            os.kill(first.transport.pid, signal.SIGTERM)
+            await first.ended
+
+        return Deferred.fromCoroutine(go())
+
+    def test_embedded_refused_is_told_where_the_running_server_is(self) -> Deferred[None]:
+        """
+        Embedded code on the default history while ``twistd trainstream``
+        runs: the error names that server's dashboard and how to publish to
+        it, or how to have a history of its own.
+        """
+        db = os.path.abspath(self.mktemp() + ".sqlite3")
+        ports_file = os.path.abspath(self.mktemp())
+
+        async def go() -> None:
+            first = self.start(db, ports_file)
+            await first.listening
+            with open(ports_file) as f:
+                urls = json.load(f)
+            with self.assertRaises(StoreError) as caught:
+                StreamServer({"db": db, "listen": "tcp:0:interface=127.0.0.1"}, reactor)
+            text = str(caught.exception)
+            assert first.transport is not None
+            self.assertIn(f"pid {first.transport.pid}, dashboard {urls['dashboard']}", text)
+            base = urls["dashboard"].rstrip("/")
+            self.assertIn(f"trainstream.client.Publisher({base!r}, 'my-run')", text)
+            self.assertIn("{'memory': True}", text)
             os.kill(first.transport.pid, signal.SIGTERM)
             await first.ended
 

@@ -380,6 +380,7 @@ class StreamServer(MultiService):
             bound.append(Listener(role, description, factory, port))
         self.listeners = bound
         self._started_at = time.monotonic()
+        self.store.announce(self.urls)
         if self.config.ports_file:
             self._write_ports_file(self.config.ports_file)
         if not self.running:

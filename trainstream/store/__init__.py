@@ -139,6 +139,9 @@ class Store(Protocol):
     def health(self) -> StoreHealth:
         """How the store is doing now (cheap: never waits on the disk)."""
 
+    def announce(self, urls: dict[str, str]) -> None:
+        """Say where the server using this store listens (to a server refused its file)."""
+
 
 def _max_key(value: float) -> tuple[int, float]:
     # NaN ranks above +Infinity: a bucket holding a NaN shows it as its maximum.

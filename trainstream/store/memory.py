@@ -124,6 +124,9 @@ class MemoryStore:
     def sync(self) -> Deferred[None]:
         return succeed(None)  # RAM is as durable as it gets
 
+    def announce(self, urls: dict[str, str]) -> None:
+        """Nothing to tell: no other server can share a memory history."""
+
     def close(self) -> None:
         self._records.clear()
 

@@ -32,8 +32,6 @@ error naming the file and that pid.
 from __future__ import annotations
 
 import bisect
-import errno
-import fcntl
 import itertools
 import json
 import math
@@ -66,6 +64,7 @@ from trainstream.store import (
     downsample,
     rollup,
 )
+from trainstream.store.lock import FileLock
 from trainstream.store.memory import records_after
 from trainstream.store.writer import connect
 
@@ -252,33 +251,6 @@ def _record(row: tuple[int, str, str, str | None, str]) -> Record:
     return Record(id=event_id, type=kind, run=run, name=name, event=event, json=text)
 
 
-class _Lock:
-    """``PATH.lock``: an exclusive flock naming the owner's pid."""
-
-    def __init__(self, db_path: str) -> None:
-        self.path = db_path + ".lock"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StoreError(
-                    f"history file {db_path} is in use by another trainstream server "
-                    f"(pid {holder}); stop it, or give this one another --db or --memory"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = -1
-
-
 def _migrate(db: sqlite3.Connection, path: str) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
@@ -324,7 +296,7 @@ class SQLiteStore:
         directory = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(directory, exist_ok=True)
-            self._lock = _Lock(path)
+            self._lock = FileLock(path)
         except OSError as e:
             raise StoreError(f"cannot open history file {path}: {e.strerror}") from None
         try:
@@ -615,6 +587,9 @@ class SQLiteStore:
         trims, self._trims = self._trims, []
         for d in trims:
             d.callback(self._floor)
+
+    def announce(self, urls: dict[str, str]) -> None:
+        self._lock.announce(urls)
 
     def close(self) -> None:
         """
