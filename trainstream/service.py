@@ -46,6 +46,7 @@ from trainstream.run import Inbox, Run
 from trainstream.runs import RunsService
 from trainstream.store import Store
 from trainstream.store.memory import MemoryStore
+from trainstream.web.backend import ListenerStatus, ServerStatus
 from trainstream.web.clients import Clients
 from trainstream.web.site import build_site
 from trainstream.web.ws import StreamSession
@@ -509,6 +510,24 @@ class StreamServer(MultiService):
             "rest": rest.base("http") + "/api",
             "dashboard": rest.base("http") + "/",
         }
+
+    def status(self) -> ServerStatus:
+        """The snapshot the web layer shows (``web.backend.Backend``)."""
+        return ServerStatus(
+            uptime_s=self.uptime(),
+            urls=self.urls,
+            listeners=tuple(
+                ListenerStatus(
+                    role=listener.role,
+                    endpoint=listener.description,
+                    port=listener.port_number,
+                    url=listener.base("http") + "/",
+                    connections=len(listener.factory.protocols),
+                    loopback=listener.loopback,
+                )
+                for listener in self.listeners
+            ),
+        )
 
     def listener_info(self) -> dict[str, dict[str, object]]:
         return {
