@@ -30,7 +30,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from tests.clients import ANY_PORTS
 from tests.test_processes import proto_pid, spawn_twistd
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 from trainstream.web.dashboard import CONTENT_SECURITY_POLICY, uplot_dir
 
 CHROMIUM = "/usr/bin/chromium"

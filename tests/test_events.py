@@ -1,5 +1,6 @@
 """
-Tests for :mod:`trainstream.events`: validation, normalization, the codec.
+Tests for :mod:`trainstream.events`: validation, normalization, the codec,
+the one JSON decoder of REST bodies and WebSocket messages.
 """
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ import attrs
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from trainstream import events
 from trainstream.events import (
     EVENT_TYPES,
     LEVELS,
+    NAME_PATTERN,
+    NON_FINITE,
     STATES,
     BodyTooLarge,
     EventError,
     Limits,
     decode_body,
+    decode_json,
     encode_event,
     encode_json,
     validate_event,
     validate_events,
 )
+from trainstream.events.validate import METRIC_SIZE_OVERHEAD
 
 PROPERTY = settings(max_examples=200, deadline=None)
 
@@ -581,7 +585,7 @@ class ValidEventTests(SynchronousTestCase):
         out = validate_event(item)
         size = len(encode_event(out).encode("utf-8"))
         bound = len(str(item["run"])) + len(str(item["name"]))
-        self.assertLessEqual(size, bound + events._METRIC_SIZE_OVERHEAD)
+        self.assertLessEqual(size, bound + METRIC_SIZE_OVERHEAD)
 
     @PROPERTY
     @given(st.lists(valid_events, max_size=5))
@@ -1054,6 +1058,103 @@ class DecodeBodyTests(SynchronousTestCase):
             self.assertTrue(e.message.startswith("body "), e.message)
         else:
             self.assertIsInstance(result, list)
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(),
+        st.text(max_size=5),
+        st.booleans(),
+        st.none(),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(st.text(max_size=4), children, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+class DecodeJsonTests(SynchronousTestCase):
+    """
+    The one decoder: it sees every key, so duplicates are refused however
+    they are spaced or nested; otherwise it is plain (C) ``json``.
+    """
+
+    def refused(self, text: bytes, subject: str = "body") -> EventError:
+        with self.assertRaises(EventError) as cm:
+            decode_json(text, subject)
+        error: EventError = cm.exception
+        self.assertEqual(error.message, f"{subject} {error.detail}")
+        return error
+
+    def test_duplicates_however_spaced(self) -> None:
+        for text in (
+            b'{"run":"a","run":"b"}',
+            b'{"run":"a","run" :"b"}',
+            b'{"run":"a","run"\n:"b"}',
+            b'{"run":"a",\t"run"\r\n :  "b"}',
+            b'[{"value":1,"step":2,"value" :3}]',
+            b'{"a":{"b":[{"c":1,"c":2}]}}',
+            b'{"\\u0072un":"a","run":"b"}',
+        ):
+            error = self.refused(text)
+            self.assertIn("is not valid JSON: duplicate key", error.detail, text)
+
+    def test_same_detail_whatever_the_subject(self) -> None:
+        for text in (b'{"a":1,"a":2}', b"[NaN]", b"[1,]", b"\xff", b"\xef\xbb\xbf[]", b" "):
+            body, message = self.refused(text, "body"), self.refused(text, "message")
+            self.assertEqual(body.detail, message.detail, text)
+            self.assertEqual(message.message, "message " + message.detail)
+
+    def test_a_colon_in_a_string_is_no_key(self) -> None:
+        text = b'[{"message":"a\\": \\":","x" : {"y": "\\":"}}]'
+        self.assertEqual(decode_json(text), json.loads(text))
+
+    @PROPERTY
+    @given(JSON_VALUES, st.sampled_from(["", " ", "\n", "\t "]))
+    def test_same_as_plain_json_without_duplicates(self, value: object, space: str) -> None:
+        """On JSON with no duplicate key, the result is the C decoder's, spacing aside."""
+        text = json.dumps(value, separators=("," + space, space + ":" + space))
+        self.assertEqual(decode_json(text.encode()), json.loads(text))
+
+    @PROPERTY
+    @given(
+        st.dictionaries(st.text(max_size=4), JSON_VALUES, min_size=1, max_size=3),
+        st.data(),
+    )
+    def test_any_duplicate_refused(self, obj: dict[str, object], data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(obj)))
+        inner = json.dumps(obj)[1:-1]
+        text = "[{" + inner + ", " + json.dumps(key) + " : 1}]"
+        error = self.refused(text.encode())
+        self.assertIn(f"duplicate key {json.dumps(key[:40])}"[:30], error.message)
+
+
+class RulesDefinedOnceTests(SynchronousTestCase):
+    """The alphabet, the NaN strings and the limits each have one home."""
+
+    def test_name_pattern_is_the_validators(self) -> None:
+        import re
+
+        pattern = re.compile(NAME_PATTERN)
+        for name in ("train/loss", "a:b.c-d_e", "/lead", "sp ace", "é", "ok/"):
+            valid = True
+            try:
+                validate_event({"type": "metric", "run": name, "name": "n", "step": 0, "value": 0})
+            except EventError:
+                valid = False
+            self.assertEqual(bool(pattern.fullmatch(name)), valid, name)
+
+    def test_openapi_uses_them(self) -> None:
+        from trainstream.web.openapi import openapi_document
+
+        schemas = openapi_document()["components"]["schemas"]
+        self.assertEqual(schemas["RunName"]["pattern"], f"^{NAME_PATTERN}$")
+        text = json.dumps(schemas)
+        for name in NON_FINITE:
+            self.assertIn(json.dumps(name), text)
 
 
 class EncodeTests(SynchronousTestCase):

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 
 MB = 1024 * 1024
 
@@ -248,7 +248,7 @@ class SlowClientTests(TestCase):
                     for i in range(1000)
                 ]
                 step += 1000
-                _, _, last = hub.publish(events)
+                _, _, last = hub.accept(events)
                 published += sum(len(r.json) for r in hub.store.after(last - 1000, bool))
                 await sse.until(last)
                 await ws.until(last)
@@ -314,7 +314,7 @@ class SlowClientTests(TestCase):
             await self.wait_for_subscriptions(4)
             hub = self.server.hub
             for batch in range(40):
-                _, _, last = hub.publish(
+                _, _, last = hub.accept(
                     [
                         {
                             "type": "log",

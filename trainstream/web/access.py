@@ -13,7 +13,9 @@ from urllib.parse import urlsplit
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from trainstream.events import encode_json
+from trainstream.events import MAX_BODY_BYTES, body_too_large
+from trainstream.web.backend import ServerStatus
+from trainstream.web.query import error_response
 
 _OPEN_PATHS = {b"/api/health"}
 _LOOPBACK_NAMES = {"localhost", "::1"}
@@ -31,15 +33,19 @@ def is_loopback_host(host: str) -> bool:
 
 class LimitedRequest(Request):
     """
-    A request that keeps at most ``max_body`` bytes of body: twisted.web
-    would otherwise spool any body to a temp file before a resource (or the
-    token check) sees the request. Past the limit the rest is read and
-    dropped, and the request is answered 413.
+    A request that keeps at most ``max_body`` bytes of body (its site's
+    ``max_body``): twisted.web would otherwise spool any body to a temp file
+    before a resource (or the token check) sees the request. Past the limit
+    the rest is read and dropped, and the request is answered 413.
     """
 
-    max_body = 8 * 1024 * 1024
     too_large = False
     _received = 0
+
+    @property
+    def max_body(self) -> int:
+        limit: int = getattr(getattr(self.channel, "site", None), "max_body", MAX_BODY_BYTES)
+        return limit
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
@@ -71,11 +77,9 @@ class ErrorPage(Resource):
         self.headers = headers or {}
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(self.code)
-        request.setHeader(b"content-type", b"application/json")
         for name, value in self.headers.items():
             request.setHeader(name, value)
-        return encode_json({"error": self.message}).encode()
+        return error_response(request, self.code, self.message)
 
 
 class Access:
@@ -90,23 +94,22 @@ class Access:
         self,
         token: str | None,
         allow_origin: Iterable[str],
-        own_ports: Callable[[], set[int]],
-        loopback_only: Callable[[], bool] = lambda: False,
+        status: Callable[[], ServerStatus],
     ) -> None:
+        """
+        :param status: the server's listeners now (``Backend.status``): its
+            own ports, and whether every one is bound to loopback.
+        """
         self.token = token.encode() if token is not None else None
         self.allow_origin = {o.rstrip("/").lower() for o in allow_origin}
         self.allow_hosts = {urlsplit(o).hostname for o in self.allow_origin} - {None}
-        self.own_ports = own_ports
-        self.loopback_only = loopback_only
+        self.status = status
 
     def refuse(self, request: Request) -> IResource | None:
         """An error page if the request may not go on, else ``None``."""
-        if getattr(request, "too_large", False):
-            return ErrorPage(
-                413,
-                f"request body over {LimitedRequest.max_body} bytes: send fewer events per request",
-            )
-        if self.loopback_only():
+        if isinstance(request, LimitedRequest) and request.too_large:
+            return ErrorPage(413, body_too_large(None, request.max_body).message)
+        if self.status().loopback_only:
             # Bound to loopback only: a Host that is not a loopback name is a
             # page from elsewhere reaching us through DNS rebinding.
             host = urlsplit("//" + (request.getHeader(b"host") or b"").decode("latin-1")).hostname
@@ -156,5 +159,5 @@ class Access:
             parts.scheme in ("http", "https")
             and parts.hostname is not None
             and parts.hostname == own_host
-            and port in self.own_ports()
+            and port in self.status().ports
         )

@@ -1,15 +1,17 @@
 """
 The REST API under ``/api`` (Klein): answers are JSON, errors too.
+
+Built from a ``Backend`` (see ``web.backend``): the hub (publishing, the
+store), the runs and ranks registries, the clients and a status snapshot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -18,70 +20,27 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from trainstream._version import __version__
 from trainstream.events import BodyTooLarge, EventError, decode_body, encode_json
-from trainstream.ranks import RanksService
+from trainstream.store import Record
+from trainstream.web.backend import Backend
 from trainstream.web.openapi import openapi_document
-from trainstream.web.sse import BadQueryError, filter_from_lists, parse_event_id
-
-if TYPE_CHECKING:
-    from trainstream.service import StreamServer
+from trainstream.web.query import (
+    BadQueryError,
+    bad_query,
+    error_response,
+    int_param,
+    json_bytes,
+    json_response,
+    query_filter,
+)
 
 _log = Logger()
-
-
-def json_response(request: IRequest, obj: object, code: int = 200) -> bytes:
-    return _json_bytes(request, encode_json(obj).encode(), code)
-
-
-def _json_bytes(request: IRequest, body: bytes, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return body
-
 
 #: Points a metric history holds at most when the client gives no ``max_points``.
 DEFAULT_MAX_POINTS = 10_000
 MAX_MAX_POINTS = 1_000_000
-
-
-class BadParameterError(BadQueryError):
-    """A query parameter is wrong: 400 ``{"error", "parameter"}``."""
-
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(message)
-        self.parameter = parameter
-
-
-def int_param(
-    args: Mapping[bytes, Sequence[bytes]],
-    name: str,
-    minimum: int,
-    maximum: int = 2**63 - 1,
-) -> int | None:
-    """
-    The integer query parameter ``name`` in ``[minimum, maximum]``, or
-    ``None`` when absent.
-
-    :raises BadParameterError: naming ``name`` when it is repeated or not such an integer.
-    """
-    values = args.get(name.encode())
-    if not values:
-        return None
-    if len(values) > 1:
-        raise BadParameterError(
-            name, f"query parameter {name} is given {len(values)} times; give it once"
-        )
-    raw = values[0].decode("utf-8", "replace")
-    try:
-        value = int(raw.strip()) if raw.strip().lstrip("+-").isdigit() else None
-    except ValueError:  # over int()'s digit limit
-        value = None
-    if value is None or not minimum <= value <= maximum:
-        bounds = f">= {minimum}" if maximum == 2**63 - 1 else f"from {minimum} to {maximum}"
-        raise BadParameterError(
-            name, f"query parameter {name} must be an integer {bounds}, got {raw[:40]!r}"
-        )
-    return value
+#: Events one ``GET /api/events`` answers at most, and by default.
+MAX_EVENTS_LIMIT = 10_000
+DEFAULT_EVENTS_LIMIT = 1000
 
 
 def split_run_path(raw_segments: Sequence[bytes]) -> tuple[str, str | None]:
@@ -143,7 +102,7 @@ def _no_run(request: IRequest, run: str) -> bytes:
     hint = ""
     if "/" in run:
         hint = "; a run name with '/' in it may be sent with '%2F' for each '/'"
-    return json_response(request, {"error": f"no run named {run!r}{hint}"}, 404)
+    return error_response(request, 404, f"no run named {run!r}{hint}")
 
 
 class RestApi:
@@ -151,8 +110,8 @@ class RestApi:
 
     app = Klein()
 
-    def __init__(self, server: StreamServer) -> None:
-        self.server = server
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
         self._openapi: bytes | None = None
 
     @app.route("/", methods=["GET"], strict_slashes=False)
@@ -177,7 +136,7 @@ class RestApi:
                     "metrics": "/metrics",
                     "dashboard": "/",
                 },
-                "urls": self.server.urls,
+                "urls": dict(self.backend.status().urls),
             },
         )
 
@@ -186,80 +145,75 @@ class RestApi:
         """
         ``ok``, or 503 ``degraded`` with ``reasons`` (and the first as
         ``reason``) while the history is in trouble, e.g. its writer
-        process died and is being restarted.
+        process died and is being restarted, or the server is
+        (``ServerStatus.problems``).
         """
-        server = self.server
-        hub = server.hub
+        backend = self.backend
+        status = backend.status()
+        hub = backend.hub
         store = hub.store.health()
+        problems = [*store.problems, *status.problems]
         answer: dict[str, object] = {
-            "status": "degraded" if store.problems else "ok",
+            "status": "degraded" if problems else "ok",
             "version": __version__,
-            "uptime_s": round(server.uptime(), 3),
+            "uptime_s": round(status.uptime_s, 3),
             "last_id": hub.last_id,
             "epoch": hub.store.epoch,
-            "listeners": server.listener_info(),
-            "clients": server.clients.counts(),
+            "listeners": {li.role: li.to_json() for li in status.listeners},
+            "clients": backend.clients.counts(),
             "store": {
                 "writer_restarts": store.writer_restarts,
                 "events_lost": store.events_lost,
             },
         }
-        if store.problems:
-            answer["reason"] = store.problems[0]
-            answer["reasons"] = list(store.problems)
-        return json_response(request, answer, 503 if store.problems else 200)
+        if problems:
+            answer["reason"] = problems[0]
+            answer["reasons"] = problems
+        return json_response(request, answer, 503 if problems else 200)
 
     @app.route("/events", methods=["POST"])
     def post_events(self, request: Request) -> bytes | Deferred[bytes]:
         assert request.content is not None
         ctype = request.getHeader(b"content-type")
+        hub = self.backend.hub
         try:
             items = decode_body(
                 request.content.read(),
                 ctype.decode("latin-1") if ctype is not None else None,
-                self.server.hub.limits,
+                hub.limits,
             )
-            accepted, first, last = self.server.hub.accept(items)
+            accepted, first_id, last_id = hub.accept(items)
         except BodyTooLarge as e:
             return json_response(request, e.to_json(), 413)
         except EventError as e:
             return json_response(request, e.to_json(), 400)
-        answer = {"accepted": accepted, "first_id": first, "last_id": last}
+        answer = {"accepted": accepted, "first_id": first_id, "last_id": last_id}
         # 200 means stored: answer once the history has committed the batch.
-        return self.server.hub.store.sync().addCallback(lambda _: json_response(request, answer))
+        return hub.store.sync().addCallback(lambda _: json_response(request, answer))
 
     @app.route("/events", methods=["GET"])
-    def get_events(self, request: Request) -> bytes:
+    def get_events(self, request: Request) -> bytes | Deferred[bytes]:
         """Polling fallback: stored events after ``?after=``."""
         args = request.args or {}
-
-        def one(key: bytes) -> str | None:
-            values = args.get(key)
-            return values[0].decode("utf-8", "replace") if values else None
-
-        def many(key: bytes) -> list[str]:
-            return [
-                p for v in args.get(key, []) for p in v.decode("utf-8", "replace").split(",") if p
-            ]
-
         try:
-            raw_after, raw_limit = one(b"after"), one(b"limit")
-            after = parse_event_id(raw_after, "after") if raw_after is not None else 0
-            limit = parse_event_id(raw_limit, "limit") if raw_limit is not None else 1000
-            if not 1 <= limit <= 10_000:
-                raise BadQueryError(f"limit must be 1..10000, got {limit}")
-            flt = filter_from_lists(runs=many(b"run"), types=many(b"type"), names=many(b"name"))
+            after = int_param(args, "after", 0) or 0
+            limit = int_param(args, "limit", 1, MAX_EVENTS_LIMIT) or DEFAULT_EVENTS_LIMIT
+            flt = query_filter(args)
         except BadQueryError as e:
-            return json_response(request, {"error": str(e)}, 400)
-        hub = self.server.hub
-        records = hub.store.after(after, flt.matches, limit)
-        body = ",".join(r.json for r in records)
-        request.setHeader(b"content-type", b"application/json")
-        return f'{{"events":[{body}],"last_id":{hub.last_id}}}'.encode()
+            return bad_query(request, e)
+        hub = self.backend.hub
+        last_id = hub.last_id
+
+        def page(records: list[Record]) -> bytes:
+            body = ",".join(r.json for r in records)
+            return json_bytes(request, f'{{"events":[{body}],"last_id":{last_id}}}'.encode())
+
+        return maybeDeferred(hub.store.after, after, flt, limit).addCallback(page)
 
     @app.route("/runs", methods=["GET"])
     def list_runs(self, request: Request) -> bytes:
-        return json_response(request, {"runs": [info.summary() for info in self.server.runs.all()]})
+        runs = self.backend.runs.all()
+        return json_response(request, {"runs": [info.summary() for info in runs]})
 
     @app.route("/runs/<path:tail>", methods=["GET", "DELETE"])
     def run_path(self, request: Request, tail: str) -> bytes | Deferred[bytes]:
@@ -272,57 +226,51 @@ class RestApi:
         if request.method == b"DELETE":
             if name is not None:
                 request.setHeader(b"allow", b"GET, HEAD")
-                return json_response(
+                return error_response(
                     request,
-                    {
-                        "error": "DELETE is not allowed on a metric history; "
-                        "DELETE /api/runs/{run} removes the whole run"
-                    },
                     405,
+                    "DELETE is not allowed on a metric history; "
+                    "DELETE /api/runs/{run} removes the whole run",
                 )
             return self._delete_run(request, run)
         if name is None:
-            info = self.server.runs.get(run)
+            info = self.backend.runs.get(run)
             if info is None:
                 return _no_run(request, run)
             return json_response(request, info.detail())
         return self._metric_series(request, run, name)
 
     def _delete_run(self, request: Request, run: str) -> bytes:
-        removed = self.server.runs.delete(run)
+        removed = self.backend.runs.delete(run)
         if removed is None:
             return _no_run(request, run)
-        ranks = _ranks_service(self.server)
+        ranks = self.backend.ranks
         if ranks is not None:
             ranks.forget(run)
         _log.info("run {run} deleted ({n} events)", run=run, n=removed)
         return json_response(request, {"run": run, "deleted": removed})
 
     def _metric_series(self, request: Request, run: str, name: str) -> bytes | Deferred[bytes]:
-        args: dict[bytes, list[bytes]] = request.args or {}
+        args = request.args or {}
         try:
             from_step = int_param(args, "from_step", 0)
             to_step = int_param(args, "to_step", 0)
             max_points = int_param(args, "max_points", 2, MAX_MAX_POINTS)
             if from_step is not None and to_step is not None and from_step > to_step:
-                raise BadParameterError(
-                    "to_step", f"to_step ({to_step}) must not be below from_step ({from_step})"
+                raise BadQueryError(
+                    f"to_step ({to_step}) must not be below from_step ({from_step})", "to_step"
                 )
-        except BadParameterError as e:
-            return json_response(request, {"error": str(e), "parameter": e.parameter}, 400)
-        info = self.server.runs.get(run)
+            segments = (args.get(b"segments") or [b"current"])[0]
+            if segments not in (b"current", b"all"):
+                raise BadQueryError("segments must be 'current' or 'all'", "segments")
+        except BadQueryError as e:
+            return bad_query(request, e)
+        info = self.backend.runs.get(run)
         if info is None:
             return _no_run(request, run)
         if name not in info.metrics:
-            return json_response(request, {"error": f"run {run!r} has no metric {name!r}"}, 404)
-        segments = (args.get(b"segments") or [b"current"])[0]
-        if segments not in (b"current", b"all"):
-            return json_response(
-                request,
-                {"error": "segments must be 'current' or 'all'", "parameter": "segments"},
-                400,
-            )
-        hub = self.server.hub
+            return error_response(request, 404, f"run {run!r} has no metric {name!r}")
+        hub = self.backend.hub
         segment = None if segments == b"all" else hub.segments.current(run, name)
         store = hub.store
         limit = max_points if max_points is not None else DEFAULT_MAX_POINTS
@@ -342,15 +290,15 @@ class RestApi:
         """``GET /api/runs/{run}/ranks``: per-metric mean/min/max across ranks, laggards."""
         if request.method == b"DELETE":
             request.setHeader(b"allow", b"GET, HEAD")
-            return json_response(
+            return error_response(
                 request,
-                {"error": "DELETE is not allowed on ranks; DELETE /api/runs/{run} removes the run"},
                 405,
+                "DELETE is not allowed on ranks; DELETE /api/runs/{run} removes the run",
             )
-        ranks = _ranks_service(self.server)
+        ranks = self.backend.ranks
         if ranks is None:
-            return json_response(request, {"error": "this server does not track ranks"}, 404)
-        if self.server.runs.get(run) is None:
+            return error_response(request, 404, "this server does not track ranks")
+        if self.backend.runs.get(run) is None:
             return _no_run(request, run)
         return json_response(request, ranks.snapshot(run))
 
@@ -358,31 +306,21 @@ class RestApi:
     def openapi(self, request: Request) -> bytes:
         if self._openapi is None:
             self._openapi = encode_json(openapi_document()).encode()
-        return _json_bytes(request, self._openapi)
+        return json_bytes(request, self._openapi)
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return json_response(request, {"error": f"no such API path: {request.path.decode()}"}, 404)
+        return error_response(request, 404, f"no such API path: {request.path.decode()}")
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         method = request.method.decode()
-        return json_response(
-            request, {"error": f"{method} is not allowed on {request.path.decode()}"}, 405
-        )
+        return error_response(request, 405, f"{method} is not allowed on {request.path.decode()}")
 
     @app.handle_errors(Exception)
     def internal(self, request: IRequest, failure: Failure) -> bytes:
         _log.failure("REST request {path} failed", failure, path=request.path)
-        return json_response(
-            request, {"error": "internal server error (logged by the server)"}, 500
-        )
+        return error_response(request, 500, "internal server error (logged by the server)")
 
 
-def _ranks_service(server: StreamServer) -> RanksService | None:
-    """The server's ``RanksService`` (``server.ranks``), if it has one."""
-    ranks = getattr(server, "ranks", None)
-    return ranks if isinstance(ranks, RanksService) else None
-
-
-__all__ = ["RestApi", "json_response", "split_ranks_path"]
+__all__ = ["RestApi", "split_ranks_path", "split_run_path"]

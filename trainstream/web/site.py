@@ -1,5 +1,6 @@
 """
-The one resource tree that every listener serves.
+The one resource tree that every listener serves, built from a ``Backend``
+and the ``Config`` (never the server object).
 
     /            dashboard (and, for seed clients, SSE or WebSocket at the root
                  of the listener whose role is SSE or WebSocket)
@@ -11,26 +12,27 @@ The one resource tree that every listener serves.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import IResource, NoResource, Resource
 from twisted.web.server import Request, Site
 
-from trainstream.metrics import MetricsResource
+from trainstream.config import Config
+from trainstream.events import MAX_BODY_BYTES
 from trainstream.web.access import Access, LimitedRequest
+from trainstream.web.backend import Backend
 from trainstream.web.dashboard import DashboardPage, StaticFiles
+from trainstream.web.metrics import MetricsResource
 from trainstream.web.rest import RestApi
 from trainstream.web.sse import SSEResource
 from trainstream.web.ws import StreamFactory
 
-if TYPE_CHECKING:
-    from trainstream.service import StreamServer
-
 
 def listener_role(request: Request) -> str | None:
-    """The role of the listener a request arrived on (see ``service.TrackingFactory``)."""
+    """The role of the listener a request arrived on (its factory's ``role``)."""
     transport = request.channel.transport if request.channel is not None else None
     return getattr(getattr(transport, "factory", None), "role", None)
 
@@ -62,11 +64,15 @@ class Root(Resource):
 class TrackingSite(Site):
     """
     The one ``Site``: notes on the connection, per request, whether the
-    client will close it first (see ``service.TrackedConnection``).
+    client will close it first (the listener's tracked connection has
+    ``peer_closes_first``), and checks ``access`` before routing.
+
+    :ivar max_body: bytes of request body kept at most (``LimitedRequest``).
     """
 
     access: Access | None = None
     full_access_log = False
+    max_body = MAX_BODY_BYTES
 
     def log(self, request: http.Request) -> None:
         """
@@ -94,37 +100,36 @@ class TrackingSite(Site):
         return resource
 
 
-def build_site(server: StreamServer) -> Site:
-    """One ``Site`` for every listener of ``server``."""
-    config = server.config
+def build_site(backend: Backend, config: Config, reactor: IReactorTime) -> Site:
+    """
+    One ``Site`` for every listener of the server ``backend`` stands for.
+
+    Reads only ``backend.hub`` and ``backend.clients`` until a request comes,
+    so it may be built before the runs and ranks exist.
+
+    :param config: the token (``config.resolve_token()``), allowed origins,
+        SSE keepalive and retry, client buffer, close timeout, access log.
+    :param reactor: the clock of keepalives and close timeouts, and the site's.
+    :raises trainstream.errors.ConfigError: if the token file cannot be read.
+    """
+    hub, clients = backend.hub, backend.clients
+    max_body = hub.limits.max_body_bytes
     sse = SSEResource(
-        server.hub,
-        server.clients,
-        server.reactor,
-        config.keepalive,
-        config.retry_ms,
-        config.client_buffer,
-        config.close_timeout,
+        hub, clients, reactor, config.keepalive, config.retry_ms, config.client_buffer
     )
     ws = WebSocketResource(
-        StreamFactory(
-            server.hub, server.clients, server.reactor, config.close_timeout, config.client_buffer
-        )
+        StreamFactory(hub, clients, reactor, config.close_timeout, config.client_buffer, max_body)
     )
     root = Root(DashboardPage(), sse, ws)
-    root.putChild(b"api", RestApi(server).app.resource())
-    root.putChild(b"metrics", MetricsResource(server))
+    root.putChild(b"api", RestApi(backend).app.resource())
+    root.putChild(b"metrics", MetricsResource(backend))
     root.putChild(b"events", sse)
     root.putChild(b"ws", ws)
     root.putChild(b"static", StaticFiles())
-    site = TrackingSite(root, reactor=server.reactor)  # type: ignore[no-untyped-call]
-    site.access = Access(
-        server.token,
-        config.allow_origin,
-        lambda: {p for p in (listener.port_number for listener in server.listeners) if p},
-        lambda: bool(server.listeners) and all(li.loopback for li in server.listeners),
-    )
+    site = TrackingSite(root, reactor=reactor)  # type: ignore[no-untyped-call]
+    site.access = Access(config.resolve_token(), config.allow_origin, backend.status)
     site.full_access_log = config.access_log
+    site.max_body = max_body
     site.requestFactory = LimitedRequest
     site.displayTracebacks = False
     site.noisy = False

@@ -15,82 +15,19 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from trainstream.events import EVENT_TYPES, encode_json
-from trainstream.hub import DEFAULT_CLIENT_BUFFER, Filter, Hub, SharedFormat, Subscription
+from trainstream.hub import Hub
 from trainstream.store import Record
+from trainstream.store.filter import Filter
+from trainstream.subscription import DEFAULT_CLIENT_BUFFER, SharedFormat, Subscription
 from trainstream.web.clients import Clients
+from trainstream.web.frames import render_sse, sse_notice
+from trainstream.web.query import BadQueryError, bad_query, query_filter, resume_id
 
 _log = Logger()
-
-
-class BadQueryError(ValueError):
-    """A query parameter a client got wrong; answered with 400."""
-
-
-def _values(args: dict[bytes, list[bytes]], key: bytes) -> tuple[str, ...]:
-    out: list[str] = []
-    for raw in args.get(key, []):
-        for part in raw.decode("utf-8", "replace").split(","):
-            if part.strip():
-                out.append(part.strip())
-    return tuple(out)
-
-
-def filter_from_lists(
-    runs: Sequence[str] = (), names: Sequence[str] = (), types: Sequence[str] = ()
-) -> Filter:
-    """The one way SSE and WebSocket turn client input into a ``Filter``."""
-    for kind, values in (("runs", runs), ("names", names), ("types", types)):
-        if isinstance(values, str | bytes) or not all(isinstance(v, str) for v in values):
-            raise BadQueryError(f"{kind!r} must be a list of strings")
-    unknown = [t for t in types if t != "*" and t not in EVENT_TYPES]
-    if unknown:
-        raise BadQueryError(
-            f"unknown event type {unknown[0]!r}; types are {', '.join(sorted(EVENT_TYPES))}"
-        )
-    return Filter(runs=tuple(runs), names=tuple(names), types=tuple(types))
-
-
-def parse_event_id(raw: str, what: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadQueryError(f"{what} must be an integer event id, got {raw!r}") from None
-    if value < 0:
-        raise BadQueryError(f"{what} must be >= 0, got {value}")
-    return value
-
-
-def query_filter(request: Request) -> tuple[Filter, int | None]:
-    """The filter and resume id of an SSE request."""
-    args = request.args or {}
-    flt = filter_from_lists(
-        runs=_values(args, b"run"), names=_values(args, b"name"), types=_values(args, b"type")
-    )
-    header = request.getHeader(b"last-event-id")
-    if header:
-        return flt, parse_event_id(header.decode("ascii", "replace").strip(), "Last-Event-ID")
-    param = args.get(b"last_event_id")
-    if param:
-        return flt, parse_event_id(param[0].decode("ascii", "replace"), "last_event_id")
-    return flt, None
-
 
 # A slow client needs time to read what is queued before the end; only that
 # (bounded) queue is held meanwhile.
 OVERFLOW_CLOSE_TIMEOUT = 30.0
-
-
-def annotated(record: Record, coalesced: Mapping[int, int]) -> str:
-    """The event's JSON, with ``"coalesced": n`` when values were folded into it."""
-    n = coalesced.get(record.id)
-    return record.json if not n else f'{record.json[:-1]},"coalesced":{n}}}'
-
-
-def render_sse(records: Sequence[Record], coalesced: Mapping[int, int]) -> bytes:
-    return "".join(
-        f"id: {r.id}\nevent: {r.type}\ndata: {annotated(r, coalesced)}\n\n" for r in records
-    ).encode()
 
 
 @implementer(IPushProducer)
@@ -105,7 +42,6 @@ class SSEStream:
         clock: IReactorTime,
         keepalive: float,
         buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
-        close_timeout: float = 2.0,
         shared: SharedFormat | None = None,
     ) -> None:
         self.request = request
@@ -114,7 +50,6 @@ class SSEStream:
         self.clients = clients
         self.clock = clock
         self.buffer_bytes = buffer_bytes
-        self.close_timeout = close_timeout
         self.closed = False
         self.subscription: Subscription | None = None
         self._keepalive = LoopingCall(self._ping)
@@ -144,14 +79,12 @@ class SSEStream:
         self.request.write(self.shared.get(records, coalesced, render_sse))
 
     def reset(self, reason: str, oldest_id: int) -> None:
-        data = encode_json({"reason": reason, "oldest_id": oldest_id})
-        self.request.write(f"event: reset\ndata: {data}\n\n".encode())
+        self.request.write(sse_notice("reset", {"reason": reason, "oldest_id": oldest_id}))
 
     def overflow(self, reason: str, last_id: int) -> None:
         """Too slow: say why after what it has, end the response, close."""
-        data = encode_json({"reason": reason, "last_id": last_id})
         _log.info("SSE client {peer} too slow: closing", peer=self.request.getClientAddress())
-        self.request.write(f"event: overflow\ndata: {data}\n\n".encode())
+        self.request.write(sse_notice("overflow", {"reason": reason, "last_id": last_id}))
         channel = getattr(self.request, "channel", None)
         transport = getattr(channel, "transport", None)
         self.close(reason)
@@ -215,7 +148,6 @@ class SSEResource(Resource):
         keepalive: float,
         retry_ms: int,
         buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
-        close_timeout: float = 2.0,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.hub = hub
@@ -224,16 +156,14 @@ class SSEResource(Resource):
         self.keepalive = keepalive
         self.retry_ms = retry_ms
         self.buffer_bytes = buffer_bytes
-        self.close_timeout = close_timeout
         self.shared = SharedFormat()
 
     def render_GET(self, request: Request) -> bytes | int:
         try:
-            flt, after = query_filter(request)
+            flt = query_filter(request.args or {})
+            after = resume_id(request)
         except BadQueryError as e:
-            request.setResponseCode(400)
-            request.setHeader(b"content-type", b"application/json")
-            return encode_json({"error": str(e)}).encode()
+            return bad_query(request, e)
         stream = SSEStream(
             request,
             self.hub,
@@ -241,7 +171,6 @@ class SSEResource(Resource):
             self.clock,
             self.keepalive,
             self.buffer_bytes,
-            self.close_timeout,
             self.shared,
         )
         stream.start(flt, after, self.retry_ms)

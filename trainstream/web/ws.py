@@ -4,7 +4,6 @@ WebSocket sessions (``/ws``): subscribe, publish, ping, as PROTOCOL section 5.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,15 +14,18 @@ from twisted.logger import Logger
 from zope.interface import implementer, noLongerProvides
 
 from trainstream._version import __version__
-from trainstream.events import EventError, encode_json
-from trainstream.hub import DEFAULT_CLIENT_BUFFER, Hub, SharedFormat, Subscription
+from trainstream.events import MAX_BODY_BYTES, EventError, decode_json, encode_json
+from trainstream.hub import Hub
 from trainstream.store import Record
+from trainstream.subscription import DEFAULT_CLIENT_BUFFER, SharedFormat, Subscription
 from trainstream.web.clients import Clients
-from trainstream.web.sse import BadQueryError, annotated, filter_from_lists
+from trainstream.web.frames import render_events
+from trainstream.web.query import BadQueryError, filter_from_lists
 
 _log = Logger()
 
 _SUBSCRIBE_KEYS = {"op", "runs", "names", "types", "after", "max_rate"}
+_AN_OP = 'a JSON object with an "op"'
 
 
 OVERFLOW_CLOSE_TIMEOUT = 30.0
@@ -31,10 +33,6 @@ OVERFLOW_CLOSE_TIMEOUT = 30.0
 
 class _ProtocolError(ValueError):
     """A client message we cannot act on; answered with an ``error`` op."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _ProtocolError(f'{name} is not valid JSON: send the string "{name}" instead')
 
 
 @implementer(IPushProducer)
@@ -64,11 +62,6 @@ class _Flow:
 
     def stopProducing(self) -> None:
         pass
-
-
-def render_events(records: Sequence[Record], coalesced: Mapping[int, int]) -> bytes:
-    body = ",".join(annotated(r, coalesced) for r in records)
-    return f'{{"op":"events","events":[{body}]}}'.encode()
 
 
 class StreamSession(WebSocketServerProtocol):
@@ -106,14 +99,10 @@ class StreamSession(WebSocketServerProtocol):
         try:
             if isBinary:
                 raise _ProtocolError("binary frames are not part of the protocol: send JSON text")
-            try:
-                message = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-            except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-                raise _ProtocolError(f"message is not valid JSON: {e}") from None
-            except RecursionError:
-                raise _ProtocolError("message is nested too deeply") from None
+            # The decoder of REST bodies: the same rules, the same words.
+            message = decode_json(payload, "message", _AN_OP)
             if not isinstance(message, dict):
-                raise _ProtocolError('a message must be a JSON object with an "op"')
+                raise _ProtocolError(f"a message must be {_AN_OP}")
             self._dispatch(message)
         except _ProtocolError as e:
             self.send_json({"op": "error", "error": str(e)})
@@ -236,9 +225,9 @@ class StreamFactory(WebSocketServerFactory):
         clock: IReactorTime,
         close_timeout: float,
         buffer_bytes: int = DEFAULT_CLIENT_BUFFER,
-        max_message_bytes: int = 8 * 1024 * 1024,
+        max_message_bytes: int = MAX_BODY_BYTES,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__(reactor=clock)  # type: ignore[no-untyped-call]
         self.hub = hub
         self.clients = clients
         self.clock = clock

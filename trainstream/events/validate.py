@@ -1,14 +1,14 @@
 """
-Event types, validation and the JSON codec (``PROTOCOL.md`` section 2).
+Validation: every event a publisher sends (REST, WebSocket, ``run.log``,
+the server's own) is checked here, field by field, and normalized.
 
 Pure: no reactor, no I/O.  Every error a publisher can cause is an
-:class:`EventError` whose message names the event index, the field and
-what is wrong with it, so the web layer can answer it as-is.
+:class:`~trainstream.events.rules.EventError` whose message names the event
+index, the field and what is wrong with it, so the web layer can answer it
+as-is.
 
 Choices this module makes where the protocol leaves room:
 
-- A request body must be a JSON *array*; a lone object is refused with a
-  hint to wrap it in ``[...]`` (section 3 says "a JSON array of events").
 - An optional field given as ``null`` counts as absent and is left out of
   the normalized event.
 - Every integer (``step``, ``rank``, ``epoch``, integer ``value``, ``time``
@@ -17,7 +17,6 @@ Choices this module makes where the protocol leaves room:
 - Python callers may pass other real numbers (``numbers.Integral`` and
   ``numbers.Real``, e.g. NumPy scalars); they are normalized to ``int`` and
   ``float``.  ``bool`` is never a number.
-- Duplicate keys in one JSON object are refused by :func:`decode_body`.
 """
 
 from __future__ import annotations
@@ -26,347 +25,37 @@ import itertools
 import json
 import math
 import numbers
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import NoReturn, cast
 
-import attrs
-
-__all__ = [
-    "EVENT_TYPES",
-    "LEVELS",
-    "STATES",
-    "BodyTooLarge",
-    "EventError",
-    "Limits",
-    "decode_body",
-    "encode_event",
-    "encode_json",
-    "validate_event",
-    "validate_events",
-]
-
-EVENT_TYPES: frozenset[str] = frozenset({"metric", "status", "log", "hparams", "alert"})
-STATES: frozenset[str] = frozenset(
-    {"created", "running", "paused", "finished", "failed", "stalled"}
+from trainstream.events.codec import encode_event, encode_json
+from trainstream.events.rules import (
+    BAD_NAME_CHAR_RE,
+    DEFAULT_LIMITS,
+    EVENT_TYPES,
+    FIELDS,
+    INT_MAX,
+    INT_MIN,
+    LEVELS,
+    MAX_NAME_LENGTH,
+    MAX_RUN_LENGTH,
+    NAME_RE,
+    NON_FINITE,
+    SERVER_FIELDS,
+    STATES,
+    EventError,
+    Limits,
+    show as _show,
 )
-LEVELS: frozenset[str] = frozenset({"debug", "info", "warning", "error"})
-
-#: Maximum lengths of a run name and of a metric (or alert) name.
-MAX_RUN_LENGTH = 128
-MAX_NAME_LENGTH = 256
-
-_INT_MIN = -(2**63)
-_INT_MAX = 2**63 - 1
-
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-_NAME_RE = re.compile(r"[A-Za-z0-9._:\-][A-Za-z0-9._:/\-]*")
-_BAD_NAME_CHAR_RE = re.compile(r"[^A-Za-z0-9._:/\-]")
 
 # Upper bound of the encoded size of a metric event, not counting its run
 # and name: keys and punctuation (~75 bytes), a float time (<= 24), a 64-bit
 # step and rank (<= 20 each) and a value (<= 24).  Run and name are ASCII
 # without characters JSON escapes, so they add exactly their length.
-_METRIC_SIZE_OVERHEAD = 200
+METRIC_SIZE_OVERHEAD = 200
 
-_COMMON_FIELDS = frozenset({"type", "run", "time"})
-_FIELDS: dict[str, frozenset[str]] = {
-    "metric": _COMMON_FIELDS | {"name", "step", "value", "rank"},
-    "status": _COMMON_FIELDS | {"state", "epoch", "message"},
-    "log": _COMMON_FIELDS | {"level", "message"},
-    "hparams": _COMMON_FIELDS | {"params"},
-    "alert": _COMMON_FIELDS | {"kind", "message", "name"},
-}
-# Fields only the server may set: named as such instead of as unknown.
-_SERVER_FIELDS = {"id": "assigned", "rewind_to": "added"}
-
-
-@attrs.frozen
-class Limits:
-    """
-    Size limits on what a publisher may send.
-
-    :ivar max_event_bytes: one event, encoded by :func:`encode_event`, in
-        bytes of UTF-8 (over it: HTTP 400).
-    :ivar max_body_bytes: one request body in bytes (over it: HTTP 413).
-    """
-
-    max_event_bytes: int = attrs.field(
-        default=64 * 1024,
-        validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)],
-    )
-    max_body_bytes: int = attrs.field(
-        default=8 * 1024 * 1024,
-        validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)],
-    )
-
-
-_DEFAULT_LIMITS = Limits()
-
-
-class EventError(ValueError):
-    """
-    A publisher's mistake: maps to HTTP 400 ``{"error": message, "index": index}``.
-
-    :ivar message: what is wrong and where, fit to show to the publisher.
-    :ivar index: position of the bad event in its batch, or ``None`` when
-        the problem is not in one event (the body, the batch itself).
-    :ivar field: name of the offending field, or ``None``.
-    :ivar detail: what is wrong, without where (``message`` says where): the
-        same text whichever entry point (REST, WebSocket, ``run.log``) met it.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        index: int | None = None,
-        field: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.index = index
-        self.field = field
-        self.detail = message if detail is None else detail
-
-    def to_json(self) -> dict[str, object]:
-        """
-        :return: the HTTP error body; ``index`` only when known.
-        """
-        result: dict[str, object] = {"error": self.message}
-        if self.index is not None:
-            result["index"] = self.index
-        return result
-
-
-class BodyTooLarge(EventError):  # noqa: N818 (the name is the public API)
-    """
-    The request body is over :attr:`Limits.max_body_bytes`: maps to HTTP 413.
-    """
-
-
-# --- JSON codec -------------------------------------------------------------
-
-_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _replace_non_finite(obj: object, seen: set[int]) -> object:
-    """
-    Copy ``obj`` with non-finite floats turned into their protocol strings.
-    """
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, (dict, list, tuple)):
-        if id(obj) in seen:
-            raise ValueError("Circular reference detected")
-        seen.add(id(obj))
-        try:
-            if isinstance(obj, dict):
-                return {k: _replace_non_finite(v, seen) for k, v in obj.items()}
-            return [_replace_non_finite(v, seen) for v in obj]
-        finally:
-            seen.discard(id(obj))
-    return obj
-
-
-def encode_json(obj: object) -> str:
-    """
-    Encode ``obj`` as compact JSON text (not ASCII-escaped).
-
-    Float NaN and infinities anywhere in ``obj`` are written as the strings
-    ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, so the text is always
-    strict JSON.
-
-    :raises TypeError: for objects JSON cannot represent.
-    """
-    try:
-        return _encoder.encode(obj)
-    except ValueError:
-        # Out of range float values (allow_nan=False), or a circular
-        # reference: the second attempt raises again in the latter case.
-        return _encoder.encode(_replace_non_finite(obj, set()))
-
-
-_METRIC_KEYS = ("id", "type", "run", "time", "name", "step", "value")
-_string = json.encoder.encode_basestring  # C; escapes what JSON needs, keeps non-ASCII
-
-
-def encode_event(event: Mapping[str, object]) -> str:
-    """
-    Encode one event as compact JSON text; see :func:`encode_json`.
-
-    A metric event with exactly the usual fields in the usual order (what
-    validation and ``Run.log`` produce) is written directly: it is most of
-    the traffic, and this is several times faster than the encoder, with the
-    same text (floats by ``repr``, as ``json`` writes them).
-    """
-    if type(event) is dict and event.get("type") == "metric" and tuple(event) == _METRIC_KEYS:
-        time_, step, value = event["time"], event["step"], event["value"]
-        if (
-            type(time_) is float
-            and math.isfinite(time_)
-            and type(step) is int
-            and (type(value) is int or (type(value) is float and math.isfinite(value)))
-        ):
-            return (
-                f'{{"id":{event["id"]},"type":"metric","run":{_string(event["run"])},'
-                f'"time":{time_!r},"name":{_string(event["name"])},"step":{step},'
-                f'"value":{value!r}}}'
-            )
-    return encode_json(event if isinstance(event, dict) else dict(event))
-
-
-# --- request bodies ---------------------------------------------------------
-
-
-def _check_content_type(content_type: str | None) -> None:
-    """
-    Accept ``application/json``, ``*/*+json`` and a missing header.
-    """
-    if content_type is None:
-        return
-    media_type, *params = content_type.split(";")
-    kind, _, subtype = media_type.strip().lower().partition("/")
-    plain = kind == "application" and subtype == "json"
-    suffixed = kind not in ("", "*") and len(subtype) > 5 and subtype.endswith("+json")
-    if not (plain or suffixed):
-        raise EventError(f'Content-Type {_show(content_type)} is not JSON; send "application/json"')
-    for param in params:
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            charset = value.strip().strip('"').lower()
-            if charset not in ("utf-8", "utf8"):
-                raise EventError(
-                    f"Content-Type charset {json.dumps(charset)} is not "
-                    f'supported; send UTF-8 and "charset=utf-8"'
-                )
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    raise EventError(
-        f'body is not valid JSON: {name} is not a JSON number; send the string "{name}" instead'
-    )
-
-
-def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise EventError(f"body is not valid JSON: duplicate key {_show(key)} in an object")
-            seen.add(key)
-    return result
-
-
-_decoder = json.JSONDecoder(
-    parse_constant=_refuse_constant, object_pairs_hook=_object_without_duplicates
-)
-# Without the pairs hook the C scanner builds the dicts itself, several
-# times faster; a duplicate key then shows as fewer keys than '":' tokens.
-_fast_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
-
-
-def _count_keys(value: object) -> int:
-    """How many keys the objects in ``value`` hold, all levels."""
-    items = value.values() if type(value) is dict else value
-    total = len(value) if type(value) is dict else 0
-    if not isinstance(items, list | type({}.values())):
-        return total
-    for item in items:
-        kind = type(item)
-        if kind is dict:
-            total += len(item)  # type: ignore[arg-type]
-            for inner in item.values():  # type: ignore[attr-defined]
-                if type(inner) is dict or type(inner) is list:
-                    total += _count_keys(inner)
-        elif kind is list:
-            total += _count_keys(item)
-    return total
-
-
-def decode_body(
-    body: bytes, content_type: str | None, limits: Limits = _DEFAULT_LIMITS
-) -> list[object]:
-    """
-    Decode a publisher's request body into a list of (unvalidated) events.
-
-    The body must be strict UTF-8 JSON (no ``NaN``/``Infinity`` literals,
-    no duplicate keys) whose top level is an array; a single object is
-    refused rather than wrapped.
-
-    :param content_type: the ``Content-Type`` header, ``None`` if absent;
-        parameters such as ``charset=utf-8`` are allowed.
-    :raises BodyTooLarge: if ``body`` is over ``limits.max_body_bytes``.
-    :raises EventError: for anything else wrong, naming the problem.
-    """
-    if len(body) > limits.max_body_bytes:
-        raise BodyTooLarge(
-            f"request body is {len(body)} bytes, over the limit of "
-            f"{limits.max_body_bytes} bytes; send fewer events per request"
-        )
-    _check_content_type(content_type)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise EventError(f"body is not valid UTF-8: {e.reason} at byte {e.start}") from None
-    if text.startswith("\ufeff"):
-        raise EventError("body starts with a byte order mark; send JSON without it")
-    if not text or text.isspace():
-        raise EventError("body is empty; send a JSON array of events")
-    try:
-        value = _fast_decoder.decode(text)
-        if text.count('":') != _count_keys(value):
-            # Maybe a duplicate key (which a dict hides), maybe only a value
-            # or a spacing that the count cannot tell: decode strictly.
-            value = _decoder.decode(text)
-    except json.JSONDecodeError as e:
-        raise EventError(
-            f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
-        ) from None
-    except RecursionError:
-        raise EventError("body is not valid JSON: nested too deeply") from None
-    except EventError:
-        raise
-    except ValueError:  # int() refusing a literal of over 4300 digits
-        raise EventError("body is not valid JSON: a number has too many digits") from None
-    if not isinstance(value, list):
-        raise EventError(
-            f"body must be a JSON array of events, got {_show(value)}"
-            + ("; wrap a single event in [...]" if isinstance(value, dict) else "")
-        )
-    return value
-
-
-# --- validation -------------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    """
-    Show ``value`` briefly, as JSON where possible, for error messages.
-    """
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        shown = json.dumps(value[:40])
-        return shown if len(value) <= 40 else shown[:-1] + '..."'
-    if isinstance(value, int):
-        if abs(value) > 10**30:
-            return f"an integer of {value.bit_length()} bits"
-        return repr(int(value))
-    if isinstance(value, float):
-        return repr(float(value))
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    return f"a Python {type(value).__name__}"
+_NON_FINITE_NAMES = ", ".join(f'"{name}"' for name in NON_FINITE)
 
 
 def _fail(index: int, field: str | None, problem: str) -> NoReturn:
@@ -386,7 +75,7 @@ def _check_name(value: object, index: int, field: str, max_length: int) -> str:
     if type(value) is str and value in _VALID_NAMES and len(value) <= max_length:
         return value
     if isinstance(value, str):
-        if 0 < len(value) <= max_length and _NAME_RE.fullmatch(value):
+        if 0 < len(value) <= max_length and NAME_RE.fullmatch(value):
             if type(value) is str:
                 if len(_VALID_NAMES) > 65_536:
                     _VALID_NAMES.clear()
@@ -402,7 +91,7 @@ def _check_name(value: object, index: int, field: str, max_length: int) -> str:
             )
         if value.startswith("/"):
             _fail(index, field, f'must not start with "/", got {_show(value)}')
-        bad = _BAD_NAME_CHAR_RE.search(value)
+        bad = BAD_NAME_CHAR_RE.search(value)
         position = bad.start() if bad else 0
         _fail(
             index,
@@ -437,7 +126,7 @@ def _check_encodable(value: str, index: int, field: str, what: str) -> None:
             )
 
 
-def _check_int(value: object, index: int, field: str, minimum: int = _INT_MIN) -> int:
+def _check_int(value: object, index: int, field: str, minimum: int = INT_MIN) -> int:
     """
     Check an integer (not a bool, not a float) in ``[minimum, 2**63 - 1]``.
     """
@@ -446,11 +135,11 @@ def _check_int(value: object, index: int, field: str, minimum: int = _INT_MIN) -
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         result = int(value)
     else:
-        bounds = f">= {minimum}" if minimum != _INT_MIN else "in the 64-bit range"
+        bounds = f">= {minimum}" if minimum != INT_MIN else "in the 64-bit range"
         _fail(index, field, f"must be an integer {bounds}, got {_show(value)}")
-    if not minimum <= result <= _INT_MAX:
+    if not minimum <= result <= INT_MAX:
         if result < minimum:
-            bounds = f">= {minimum}" if minimum != _INT_MIN else "in the 64-bit range"
+            bounds = f">= {minimum}" if minimum != INT_MIN else "in the 64-bit range"
             _fail(index, field, f"must be an integer {bounds}, got {_show(result)}")
         _fail(index, field, f"must fit in 64 bits, got {_show(result)}")
     return result
@@ -480,7 +169,7 @@ def _check_time(value: object, index: int) -> float:
     if number < 0:
         _fail(index, "time", f"must be >= 0, got {_show(number)}")
     if isinstance(number, int):
-        if number > _INT_MAX:
+        if number > INT_MAX:
             _fail(index, "time", f"must fit in 64 bits, got {_show(number)}")
         return float(number)
     return number
@@ -489,7 +178,7 @@ def _check_time(value: object, index: int) -> float:
 def _check_value(value: object, index: int) -> int | float:
     if isinstance(value, str):
         try:
-            return _NON_FINITE[value]
+            return NON_FINITE[value]
         except KeyError:
             pass
     number = _as_number(value)
@@ -497,7 +186,7 @@ def _check_value(value: object, index: int) -> int | float:
         _fail(
             index,
             "value",
-            f'must be a number or one of "NaN", "Infinity", "-Infinity", got {_show(value)}',
+            f"must be a number or one of {_NON_FINITE_NAMES}, got {_show(value)}",
         )
     if isinstance(number, int):
         return _check_int(number, index, "value")
@@ -538,7 +227,7 @@ def _check_params(value: object, index: int) -> dict[str, object]:
                     f"or null, got {_show(item)}",
                 )
             if isinstance(number, int):
-                if not _INT_MIN <= number <= _INT_MAX:
+                if not INT_MIN <= number <= INT_MAX:
                     _fail(
                         index,
                         "params",
@@ -630,7 +319,7 @@ def _check_size(event: dict[str, object], index: int, limits: Limits) -> None:
 def validate_event(
     item: object,
     index: int = 0,
-    limits: Limits = _DEFAULT_LIMITS,
+    limits: Limits = DEFAULT_LIMITS,
     now: Callable[[], float] = time.time,
 ) -> dict[str, object]:
     """
@@ -650,15 +339,15 @@ def validate_event(
         if "type" not in item:
             _fail(index, "type", "is missing (required)")
         _fail(index, "type", _choices(EVENT_TYPES, event_type))
-    allowed = _FIELDS[event_type]
+    allowed = FIELDS[event_type]
     if not allowed.issuperset(item.keys()):
         unknown = [k for k in item if k not in allowed]
         first = unknown[0]
-        if first in _SERVER_FIELDS:
+        if first in SERVER_FIELDS:
             _fail(
                 index,
                 first,
-                f"is {_SERVER_FIELDS[first]} by the server; remove it",
+                f"is {SERVER_FIELDS[first]} by the server; remove it",
             )
         names = ", ".join(_show(k) for k in unknown)
         raise EventError(
@@ -681,7 +370,7 @@ def validate_event(
     # A metric event's size is bounded by its run and name: skip encoding it.
     if (
         event_type != "metric"
-        or len(run) + len(cast(str, out["name"])) + _METRIC_SIZE_OVERHEAD > limits.max_event_bytes
+        or len(run) + len(cast(str, out["name"])) + METRIC_SIZE_OVERHEAD > limits.max_event_bytes
     ):
         _check_size(out, index, limits)
     return out
@@ -689,7 +378,7 @@ def validate_event(
 
 def validate_events(
     items: object,
-    limits: Limits = _DEFAULT_LIMITS,
+    limits: Limits = DEFAULT_LIMITS,
     now: Callable[[], float] = time.time,
 ) -> list[dict[str, object]]:
     """

@@ -4,13 +4,13 @@ The server's own counters for Prometheus, at ``GET /metrics``.
 Each server has its own ``CollectorRegistry`` (never the process-wide
 default one), so two servers in one process, or a training script that uses
 ``prometheus_client`` itself, never mix their numbers. Values are read from
-the server when scraped; nothing on the event path counts for Prometheus.
+the backend (its hub, runs, clients and ``status()``) when scraped; nothing
+on the event path counts for Prometheus.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -20,20 +20,19 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from trainstream._version import __version__
-
-if TYPE_CHECKING:
-    from trainstream.service import StreamServer
+from trainstream.web.backend import Backend
 
 
 class ServerCollector(Collector):
     """Reads one server's numbers at scrape time."""
 
-    def __init__(self, server: StreamServer) -> None:
-        self.server = server
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        hub = server.hub
+        backend = self.backend
+        status = backend.status()
+        hub = backend.hub
         info = GaugeMetricFamily(
             "trainstream_info", "trainstream version and history epoch", labels=["version", "epoch"]
         )
@@ -58,6 +57,11 @@ class ServerCollector(Collector):
             "1 while the history is in trouble (GET /api/health says why), else 0",
             value=1 if store.problems else 0,
         )
+        yield GaugeMetricFamily(
+            "trainstream_degraded",
+            "1 while GET /api/health answers 503 degraded (the store or the server), else 0",
+            value=1 if store.problems or status.problems else 0,
+        )
         yield CounterMetricFamily(
             "trainstream_store_writer_restarts",
             "Times the history's writer process was started again after it died",
@@ -71,7 +75,7 @@ class ServerCollector(Collector):
         clients = GaugeMetricFamily(
             "trainstream_clients", "Open streaming clients by kind", labels=["kind"]
         )
-        for kind, count in sorted(server.clients.counts().items()):
+        for kind, count in sorted(backend.clients.counts().items()):
             clients.add_metric([kind], count)
         yield clients
         yield GaugeMetricFamily(
@@ -87,7 +91,7 @@ class ServerCollector(Collector):
             "Clients disconnected for reading too slowly",
             value=hub.overflows,
         )
-        runs = server.runs
+        runs = backend.runs
         yield GaugeMetricFamily("trainstream_runs", "Runs the server knows", value=len(runs))
         by_state = GaugeMetricFamily(
             "trainstream_runs_by_state", "Runs the server knows, by state", labels=["state"]
@@ -108,7 +112,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             "trainstream_uptime_seconds",
             "Seconds since the listeners were last bound",
-            value=server.uptime(),
+            value=status.uptime_s,
         )
 
 
@@ -117,10 +121,10 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, server: StreamServer) -> None:
+    def __init__(self, backend: Backend) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
-        self.registry.register(ServerCollector(server))
+        self.registry.register(ServerCollector(backend))
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
