@@ -41,15 +41,8 @@ from _common import machine_lines, percentile, use_tree
 
 use_tree()
 
-from trainstream.store.rollup import ensure_schema, query, update  # noqa: E402
-
-SCHEMA = """
-CREATE TABLE events (id INTEGER PRIMARY KEY, type TEXT NOT NULL, run TEXT NOT NULL,
-    name TEXT, step INTEGER, value REAL, time REAL NOT NULL, json TEXT NOT NULL,
-    segment INTEGER);
-CREATE INDEX events_series ON events (run, name, segment, step) WHERE type = 'metric';
-CREATE INDEX events_run ON events (run);
-"""
+from trainstream.store.rollup import query, update  # noqa: E402
+from trainstream.store.schema import migrate  # noqa: E402
 
 INSERT = (
     "INSERT INTO events (type, run, name, step, value, time, json, segment)"
@@ -68,11 +61,9 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def create(path: Path) -> sqlite3.Connection:
+    """A new file with the store's own schema: every index it has costs each insert."""
     db = connect(path)
-    db.executescript(SCHEMA)
-    db.execute("BEGIN")
-    ensure_schema(db)
-    db.execute("COMMIT")
+    migrate(db, str(path))
     return db
 
 

@@ -18,9 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.clients import connect_sse
 from tests.test_processes import spawn_twistd
+from tests.test_store_lifecycle import assert_free
 from trainstream.errors import StoreError
 from trainstream.hub import Hub
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 from trainstream.store.sqlite import SQLiteStore
 
 
@@ -37,6 +38,7 @@ class StoreTests(TestCase):
 
     def open(self, path: str, **kw: Any) -> SQLiteStore:
         store = SQLiteStore(path, reactor.callFromThread, **kw)
+        store.start()
         self.addCleanup(store.close)
         return store
 
@@ -46,7 +48,7 @@ class StoreTests(TestCase):
         async def go() -> None:
             store = self.open(path)
             hub = Hub(store)
-            hub.publish([log(i) for i in range(100)] + [metric(1, float("nan"))])
+            hub.accept([log(i) for i in range(100)] + [metric(1, float("nan"))])
             await store.sync()
             # Committed: another connection sees it all.
             with sqlite3.connect(path) as other:
@@ -56,7 +58,7 @@ class StoreTests(TestCase):
             again = self.open(path)
             self.assertEqual((again.last_id, again.epoch), (101, epoch))
             hub2 = Hub(again)
-            _, first, _ = hub2.publish([log(200)])
+            _, first, _ = hub2.accept([log(200)])
             self.assertEqual(first, 102)
             replay = again.after(95, lambda r: True)
             self.assertEqual([r.id for r in replay], [96, 97, 98, 99, 100, 101, 102])
@@ -73,9 +75,9 @@ class StoreTests(TestCase):
         async def go() -> None:
             store = self.open(path, cache_events=10)
             hub = Hub(store)
-            hub.publish([metric(i, i * 0.5) for i in range(50)])
+            hub.accept([metric(i, i * 0.5) for i in range(50)])
             await store.sync()
-            hub.publish([metric(i, i * 0.5) for i in range(50, 60)])  # maybe uncommitted
+            hub.accept([metric(i, i * 0.5) for i in range(50, 60)])  # maybe uncommitted
             ids = [r.id for r in store.after(0, lambda r: True)]
             self.assertEqual(ids, list(range(1, 61)))
             steps = [p[0] for p in store.series("r", "loss", 45, 55)]
@@ -89,9 +91,9 @@ class StoreTests(TestCase):
         async def go() -> None:
             store = self.open(path)
             hub = Hub(store)
-            hub.publish([log(i, "gone") for i in range(5)] + [log(9, "kept")])
+            hub.accept([log(i, "gone") for i in range(5)] + [log(9, "kept")])
             self.assertEqual(store.delete_run("gone"), 5)
-            hub.publish([log(10, "gone")])  # after the delete: kept
+            hub.accept([log(10, "gone")])  # after the delete: kept
             await store.sync()
             with sqlite3.connect(path) as other:
                 rows = other.execute("SELECT id, run FROM events ORDER BY id").fetchall()
@@ -100,34 +102,44 @@ class StoreTests(TestCase):
         return Deferred.fromCoroutine(go())
 
 
+def started(path: str, **kw: Any) -> SQLiteStore:
+    store = SQLiteStore(path, reactor.callFromThread, **kw)
+    store.start()
+    return store
+
+
 class OwnershipTests(SynchronousTestCase):
     def test_second_owner_refused(self) -> None:
         path = self.mktemp() + ".sqlite3"
-        first = SQLiteStore(path, reactor.callFromThread)
+        first = started(path)
         self.addCleanup(first.close)
+        second = SQLiteStore(path, reactor.callFromThread)  # constructing takes nothing
         with self.assertRaises(StoreError) as e:
-            SQLiteStore(path, reactor.callFromThread)
+            second.start()
         message = str(e.exception)
         self.assertIn(path, message)
         self.assertIn(f"pid {os.getpid()}", message)
         first.close()
-        SQLiteStore(path, reactor.callFromThread).close()  # free again
+        second.start()  # free again: the failed start left nothing behind
+        second.close()
 
     def test_newer_schema_refused(self) -> None:
         path = self.mktemp() + ".sqlite3"
         with sqlite3.connect(path) as db:
             db.execute("PRAGMA user_version = 99")
         with self.assertRaises(StoreError) as e:
-            SQLiteStore(path, reactor.callFromThread)
+            started(path)
         self.assertIn("schema version 99", str(e.exception))
+        assert_free(path)
 
     def test_not_a_database(self) -> None:
         path = self.mktemp() + ".sqlite3"
         with open(path, "wb") as f:
             f.write(b"this is not sqlite" * 100)
         with self.assertRaises(StoreError) as e:
-            SQLiteStore(path, reactor.callFromThread)
+            started(path)
         self.assertIn(path, str(e.exception))
+        assert_free(path)
 
 
 def post(rest: str, events: list[dict[str, object]]) -> dict[str, Any]:
@@ -243,8 +255,10 @@ class CrashTests(TestCase):
             await first.listening
             with open(ports_file) as f:
                 urls = json.load(f)
+            second = StreamServer({"db": db, "listen": "tcp:0:interface=127.0.0.1"}, reactor)
             with self.assertRaises(StoreError) as caught:
-                StreamServer({"db": db, "listen": "tcp:0:interface=127.0.0.1"}, reactor)
+                await second.start()
+            self.assertFalse(second.listening)
             text = str(caught.exception)
             assert first.transport is not None
             self.assertIn(f"pid {first.transport.pid}, dashboard {urls['dashboard']}", text)
@@ -262,13 +276,13 @@ class RetentionTests(TestCase):
         path = self.mktemp() + ".sqlite3"
 
         async def go() -> None:
-            store = SQLiteStore(path, reactor.callFromThread, cache_events=5)
+            store = started(path, cache_events=5)
             self.addCleanup(store.close)
             store._now = lambda: 100 * 86400.0
             hub = Hub(store)
             old = [dict(log(i), time=50 * 86400.0) for i in range(30)]
             new = [dict(log(i), time=99.5 * 86400.0) for i in range(30, 40)]
-            hub.publish(old + new)
+            hub.accept(old + new)
             await store.sync()
             floor = await store.trim(retain_days=10, max_db_mb=None)
             self.assertEqual((floor, store.oldest_id), (31, 31))
@@ -277,7 +291,7 @@ class RetentionTests(TestCase):
                 self.assertEqual(other.execute("SELECT MIN(id) FROM events").fetchone()[0], 31)
             # A client resuming from before the floor is told first.
             from tests.test_subscription import FakeSink
-            from trainstream.hub import Filter
+            from trainstream.store.filter import Filter
 
             sink = FakeSink()
             sub = hub.subscribe(sink, Filter())  # type: ignore[arg-type]
@@ -291,11 +305,11 @@ class RetentionTests(TestCase):
         path = self.mktemp() + ".sqlite3"
 
         async def go() -> None:
-            store = SQLiteStore(path, reactor.callFromThread)
+            store = started(path)
             self.addCleanup(store.close)
             hub = Hub(store)
             for batch in range(40):  # about 12 MB of events
-                hub.publish(
+                hub.accept(
                     [
                         dict(log(i), message="x" * 300)
                         for i in range(batch * 1000, batch * 1000 + 1000)
@@ -319,7 +333,7 @@ class RetentionTests(TestCase):
 class RegistryRestartTests(TestCase):
     def test_runs_registry_is_the_same_after_a_restart(self) -> Deferred[None]:
         """The registry rebuilt from the file's summaries equals the live one."""
-        from trainstream.service import StreamServer
+        from trainstream.server import StreamServer
 
         path = self.mktemp() + ".sqlite3"
         config = {"db": path, "listen": "tcp:0:interface=127.0.0.1"}
@@ -343,6 +357,8 @@ class RegistryRestartTests(TestCase):
             first.close()
             second = StreamServer(config, reactor)
             self.addCleanup(second.close)
+            await second.start()  # the registry loads from the file as the server starts
+            self.addCleanup(second.stop)
             rebuilt = {info.run: info.detail() for info in second.runs.all()}
             self.assertEqual(alerts, 1)
             for run in ("a", "b"):
@@ -366,7 +382,7 @@ class SQLiteHistoryRestTests(TestCase):
         import treq
         from twisted.web.client import HTTPConnectionPool
 
-        from trainstream.service import StreamServer
+        from trainstream.server import StreamServer
 
         path = self.mktemp() + ".sqlite3"
         server = StreamServer({"db": path, "listen": "tcp:0:interface=127.0.0.1"}, reactor)
@@ -409,19 +425,19 @@ class WriterProcessTests(TestCase):
         path = self.mktemp() + ".sqlite3"
 
         async def go() -> None:
-            store = SQLiteStore(path, reactor.callFromThread)
+            store = started(path)
             self.addCleanup(store.close)
             child = store._child
             assert child is not None
             self.assertNotEqual(child.pid, os.getpid())
             hub = Hub(store)
-            hub.publish([log(i) for i in range(10)])
+            hub.accept([log(i) for i in range(10)])
             await store.sync()
             child.kill()
             child.wait(10)
-            hub.publish([log(11)])
+            hub.accept([log(11)])
             await store.sync()
-            hub.publish([log(12)])
+            hub.accept([log(12)])
             await store.sync()
             with sqlite3.connect(path) as other:
                 count = other.execute("SELECT COUNT(*) FROM events").fetchone()[0]

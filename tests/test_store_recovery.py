@@ -30,7 +30,7 @@ from twisted.web.client import HTTPConnectionPool
 from tests.clients import plain_bind
 from trainstream.errors import StoreError
 from trainstream.hub import Hub
-from trainstream.store import sqlite as sqlite_module
+from trainstream.store import feeder, rows
 from trainstream.store.sqlite import SQLiteStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,16 +51,24 @@ def stored_ids(path: str) -> list[int]:
         return [row[0] for row in db.execute("SELECT id FROM events ORDER BY id")]
 
 
+def started(path: str) -> SQLiteStore:
+    store = SQLiteStore(path, reactor.callFromThread)
+    store.start()
+    return store
+
+
 def hold_restarts(test: TestCase, store: SQLiteStore) -> threading.Event:
     """Hold the start of a new writer process until the returned event is set."""
     gate = threading.Event()
-    spawn = store._spawn
+    assert store._open is not None
+    writer = store._open.feeder
+    spawn = writer._spawn
 
     def held() -> Any:
         gate.wait(30)
         return spawn()
 
-    store._spawn = held  # type: ignore[method-assign]
+    writer._spawn = held  # type: ignore[method-assign]
     test.addCleanup(gate.set)  # before the store's close (cleanups run last first)
     return gate
 
@@ -80,7 +88,7 @@ class WriterDeathTests(TestCase):
     timeout = 60
 
     def open(self, path: str) -> SQLiteStore:
-        store = SQLiteStore(path, reactor.callFromThread)
+        store = started(path)
         self.addCleanup(store.close)
         return store
 
@@ -97,7 +105,7 @@ class WriterDeathTests(TestCase):
         async def go() -> None:
             store = self.open(path)
             hub = Hub(store)
-            hub.publish([log(i) for i in range(10)])
+            hub.accept([log(i) for i in range(10)])
             await store.sync()
             self.assertEqual(store.health().problems, ())
             gate = hold_restarts(self, store)
@@ -106,7 +114,7 @@ class WriterDeathTests(TestCase):
             self.assertEqual(len(problems), 1)
             self.assertIn(path, problems[0])
             self.assertIn("SIGKILL", problems[0])
-            hub.publish([log(i) for i in range(10, 20)])  # while no writer runs
+            hub.accept([log(i) for i in range(10, 20)])  # while no writer runs
             synced = store.sync()
             self.assertNoResult(synced)
             self.assertTrue(store.health().problems)
@@ -117,7 +125,7 @@ class WriterDeathTests(TestCase):
             assert store._child is not None
             self.assertNotEqual(store._child.pid, dead)
             self.assertEqual(stored_ids(path), list(range(1, 21)))
-            hub.publish([log(20)])
+            hub.accept([log(20)])
             await store.sync()
             self.assertEqual(stored_ids(path), list(range(1, 22)))
             store.close()
@@ -130,17 +138,17 @@ class WriterDeathTests(TestCase):
     def test_close_right_after_the_writer_died_stores_everything(self) -> None:
         """close() with the writer process dead and events not committed."""
         path = self.mktemp() + ".sqlite3"
-        store = SQLiteStore(path, reactor.callFromThread)
+        store = started(path)
         hub = Hub(store)
-        hub.publish([log(i) for i in range(5)])
+        hub.accept([log(i) for i in range(5)])
         kill_writer(store)
-        hub.publish([log(i) for i in range(5, 10)])
+        hub.accept([log(i) for i in range(5, 10)])
         store.close()
         self.assertEqual(stored_ids(path), list(range(1, 11)))
         with self.assertRaises(StoreError) as e:
-            hub.publish([log(10)])
+            hub.accept([log(10)])
         self.assertIn(f"history file {path} is closed", str(e.exception))
-        again = SQLiteStore(path, reactor.callFromThread)
+        again = started(path)
         again.close()
         self.assertEqual(again.last_id, 10)
 
@@ -156,7 +164,7 @@ class WriterDeathTests(TestCase):
             store = self.open(path)
             child = store._child
             hub = Hub(store)
-            hub.publish([log(0), metric(1, 1.0), metric(2, 2**70), metric(3, 3.0)])
+            hub._publish([log(0), metric(1, 1.0), metric(2, 2**70), metric(3, 3.0)])
             with self.assertRaises(StoreError) as e:
                 await store.sync()
             message = str(e.exception)
@@ -164,11 +172,11 @@ class WriterDeathTests(TestCase):
             self.assertIn("event 3", message)
             self.assertIn('"value"', message)
             self.assertIn("64-bit", message)
-            hub.publish([metric(2**63, 1.0, run="big")])  # its own series: no rewind
+            hub._publish([metric(2**63, 1.0, run="big")])  # its own series: no rewind
             with self.assertRaises(StoreError) as e:
                 await store.sync()
             self.assertIn('"step"', str(e.exception))
-            hub.publish([metric(4, 4.0)])
+            hub.accept([metric(4, 4.0)])
             await store.sync()
             self.assertEqual(stored_ids(path), [1, 2, 4, 6])
             self.assertEqual([r.id for r in store.after(0, lambda r: True)], [1, 2, 4, 6])
@@ -188,22 +196,22 @@ class WriterDeathTests(TestCase):
         number of tries; the batches after it are stored.
         """
         path = self.mktemp() + ".sqlite3"
-        self.patch(sqlite_module, "_row_problem", lambda row: None)  # let it through
+        self.patch(rows, "row_problem", lambda row: None)  # let it through
 
         async def go() -> None:
             store = self.open(path)
             hub = Hub(store)
-            hub.publish([log(0)])
+            hub.accept([log(0)])
             await store.sync()
-            hub.publish([log(1), metric(1, 2**70)])
+            hub._publish([log(1), metric(1, 2**70)])
             with self.assertRaises(StoreError) as e:
                 await store.sync()
             message = str(e.exception)
             self.assertIn(path, message)
             self.assertIn("events 2 to 3 could not be stored", message)
             self.assertIn("OverflowError", message)
-            self.assertIn(f"tried {sqlite_module._ATTEMPTS} times", message)
-            hub.publish([log(2)])
+            self.assertIn(f"tried {feeder._ATTEMPTS} times", message)
+            hub.accept([log(2)])
             await store.sync()
             self.assertEqual(stored_ids(path), [1, 4])
             health = store.health()
@@ -219,7 +227,7 @@ class HealthTests(TestCase):
 
     def test_health_and_metrics_say_the_writer_is_down(self) -> Deferred[None]:
         """GET /api/health: 503 degraded with the reason; /metrics counts restarts."""
-        from trainstream.service import StreamServer
+        from trainstream.server import StreamServer
 
         path = self.mktemp() + ".sqlite3"
         server = StreamServer({"db": path, "listen": LISTEN}, reactor)

@@ -1,5 +1,17 @@
 """
-Where events are kept: one interface, with memory (and later SQLite) behind it.
+Where events are kept: one interface, :class:`Store`, and the values it
+speaks in (``records.py``; ``filter.py``: which events a reader wants).
+
+    memory.py   MemoryStore: the newest events in RAM (``cache.py`` holds them)
+    sqlite.py   SQLiteStore: a history file, as the reactor thread sees it
+    schema.py   the file's tables, indexes and migrations
+    feeder.py   the writer thread: batches to the writer process, restarts it
+    writer.py   the writer process: inserts, rollups, commits
+    rows.py     records to rows and back
+    reads.py    reads of the file, through its indexes
+    rollup.py   multi-resolution rollups of metric series
+    lock.py     one server per file
+    service.py  StoreService (start, then sync and close), RetentionService
 
 Also the one pure function every store's metric history goes through before
 it reaches a client, :func:`downsample`.
@@ -8,71 +20,21 @@ it reaches a client, :func:`downsample`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
-from attrs import Factory, field, frozen
 from twisted.internet.defer import Deferred
 
-#: One point of a metric's history: ``(step, value, time)``. ``value`` may be
-#: a non-finite float (NaN, infinities); the JSON codec writes those as strings.
-Point = tuple[int, float, float]
-
-
-@frozen
-class Record:
-    """
-    One accepted event: its id, the fields filters look at, the event as a
-    dict, and its JSON encoded once for every client.
-    """
-
-    id: int
-    type: str
-    run: str
-    name: str | None
-    event: dict[str, object]
-    json: str
-    #: ``len(json)``, counted once: buffer accounting adds it up per client.
-    size: int = field(default=Factory(lambda self: len(self.json), takes_self=True))
-    #: For a metric: which segment of its series (a new one each time the
-    #: steps go back, as when training resumes from a checkpoint).
-    segment: int = 0
-
-
-@frozen
-class SeriesSummary:
-    """A series' life so far, as a persistent store keeps it (see ``runs``)."""
-
-    count: int
-    last_step: int
-    last_value: float
-    min: float | None
-    max: float | None
-    last_time: float
-    last_id: int
-
-
-@frozen
-class StoreHealth:
-    """
-    How a history is doing, for ``GET /api/health`` and ``/metrics``.
-
-    :ivar problems: what is wrong now, each naming the history and what
-        happened (empty: all is well).
-    :ivar writer_restarts: times a writer (process) was started again after
-        it died.
-    :ivar events_lost: accepted events that could not be stored at all.
-    """
-
-    problems: tuple[str, ...] = ()
-    writer_restarts: int = 0
-    events_lost: int = 0
+from trainstream.store.filter import Filter, Match
+from trainstream.store.records import Point, Record, SeriesSummary, StoreHealth
 
 
 class Store(Protocol):
     """What the Hub, the runs registry and the REST API need of a history."""
 
-    epoch: str
+    @property
+    def epoch(self) -> str:
+        """This history's identity: a client holding ids of another epoch starts over."""
 
     @property
     def last_id(self) -> int:
@@ -90,10 +52,20 @@ class Store(Protocol):
     def append(self, records: Sequence[Record]) -> None:
         """Keep ``records`` (ids strictly above ``last_id``, in order)."""
 
-    def after(
-        self, after_id: int, match: Callable[[Record], bool], limit: int | None = None
-    ) -> list[Record]:
-        """Stored records with id above ``after_id`` that ``match``, in id order."""
+    def start(self) -> None:
+        """
+        Open the history (no constructor does I/O); again after ``close()``.
+
+        :raises trainstream.errors.StoreError: naming the history and what to
+            do; the store is then left closed.
+        """
+
+    def after(self, after_id: int, match: Match, limit: int | None = None) -> list[Record]:
+        """
+        Stored records with id above ``after_id`` that ``match``, in id
+        order, at most ``limit``. A :class:`Filter` may be answered from
+        indexes: its cost need not grow with the history it does not match.
+        """
 
     def series(
         self,
@@ -134,7 +106,7 @@ class Store(Protocol):
         """Fires once every event appended so far is durable (as durable as this store gets)."""
 
     def close(self) -> None:
-        """Release what the store holds open."""
+        """Make durable what was appended, then release what the store holds open."""
 
     def health(self) -> StoreHealth:
         """How the store is doing now (cheap: never waits on the disk)."""
@@ -188,4 +160,13 @@ def downsample(points: Sequence[Point], max_points: int) -> tuple[list[Point], b
     return out, True
 
 
-__all__ = ["Point", "Record", "Store", "StoreHealth", "downsample"]
+__all__ = [
+    "Filter",
+    "Match",
+    "Point",
+    "Record",
+    "SeriesSummary",
+    "Store",
+    "StoreHealth",
+    "downsample",
+]

@@ -4,32 +4,16 @@ A bounded in-memory history: the newest ``max_events`` events.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 
-from trainstream.store import Point, Record, StoreHealth, downsample
-
-
-def records_after(
-    records: deque[Record],
-    after_id: int,
-    match: Callable[[Record], bool],
-    limit: int | None,
-    out: list[Record],
-) -> None:
-    """Append to ``out`` the ``records`` (in id order) after ``after_id`` that match."""
-    start = bisect.bisect_right(records, after_id, key=lambda r: r.id)
-    for record in itertools.islice(records, start, None):
-        if match(record):
-            out.append(record)
-            if limit is not None and len(out) >= limit:
-                return
+from trainstream.store import downsample
+from trainstream.store.cache import RecentEvents
+from trainstream.store.filter import Match, predicate
+from trainstream.store.records import Point, Record, StoreHealth
 
 
 class MemoryStore:
@@ -40,12 +24,14 @@ class MemoryStore:
 
     def __init__(self, max_events: int = 100_000) -> None:
         self.epoch = uuid.uuid4().hex
-        self._max_events = max_events
-        self._records: deque[Record] = deque(maxlen=max_events)
+        self._records = RecentEvents(max_events)
         self._last_id = 0
         # Ids below this were trimmed (not deleted on request): a client
         # resuming from before it has missed events.
         self._floor = 1
+
+    def start(self) -> None:
+        """Nothing to open."""
 
     @property
     def last_id(self) -> int:
@@ -58,17 +44,15 @@ class MemoryStore:
     def append(self, records: Sequence[Record]) -> None:
         if not records:
             return
-        trims = len(self._records) + len(records) > self._max_events
-        self._records.extend(records)
+        trimmed = self._records.extend(records)
         self._last_id = records[-1].id
-        if trims:
-            self._floor = self._records[0].id
+        if trimmed:
+            first = self._records.first_id
+            self._floor = self._last_id + 1 if first is None else first
 
-    def after(
-        self, after_id: int, match: Callable[[Record], bool], limit: int | None = None
-    ) -> list[Record]:
+    def after(self, after_id: int, match: Match, limit: int | None = None) -> list[Record]:
         out: list[Record] = []
-        records_after(self._records, after_id, match, limit, out)
+        self._records.collect(after_id, predicate(match), limit, out)
         return out
 
     def segments(self) -> dict[tuple[str, str], tuple[int, int]]:
@@ -115,11 +99,7 @@ class MemoryStore:
         return points
 
     def delete_run(self, run: str) -> int:
-        kept = [r for r in self._records if r.run != run]
-        removed = len(self._records) - len(kept)
-        if removed:
-            self._records = deque(kept, maxlen=self._max_events)
-        return removed
+        return self._records.keep(lambda r: r.run != run)
 
     def sync(self) -> Deferred[None]:
         return succeed(None)  # RAM is as durable as it gets
@@ -128,7 +108,7 @@ class MemoryStore:
         """Nothing to tell: no other server can share a memory history."""
 
     def close(self) -> None:
-        self._records.clear()
+        """Nothing to release; the events stay, so a stopped server starts again with them."""
 
     def health(self) -> StoreHealth:
         return StoreHealth()
