@@ -1,6 +1,8 @@
 """
 Real loopback clients for tests: a raw SSE reader and an Autobahn WebSocket
 client, both on the test's reactor, each telling its story as Deferreds.
+The SSE reader parses with the project's one parser
+(``trainstream.client.sse.SSEParser``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from twisted.web.http import _ChunkedTransferDecoder
+
+from trainstream.client.sse import SSEParser
 
 
 def _host_port(url: str) -> tuple[str, int, str]:
@@ -25,7 +30,10 @@ def _host_port(url: str) -> tuple[str, int, str]:
 
 
 class SSEClient(Protocol):
-    """Sends one GET and collects the raw stream and the parsed events."""
+    """
+    Sends one GET and collects the raw stream and the parsed events: the
+    data of ``reset`` messages in ``resets``, of any other in ``events``.
+    """
 
     def __init__(self, path: str, headers: dict[str, str] | None = None) -> None:
         self.path = path
@@ -37,7 +45,9 @@ class SSEClient(Protocol):
         self.lost: Deferred[None] = Deferred()
         self.lost_reason: Failure | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []
-        self._body = b""
+        self._head = b""
+        self._feed: Any = None  # the body's reader, once the head is read
+        self.parser = SSEParser()
 
     def connectionMade(self) -> None:
         headers = {"Host": "127.0.0.1", "Accept": "text/event-stream", **self.headers}
@@ -48,19 +58,20 @@ class SSEClient(Protocol):
         self.raw += data
         if not self.started.called and b"retry:" in self.raw:
             self.started.callback(None)
-        # Parse complete SSE blocks out of the (chunked) body text; chunk
-        # framing lines are hex sizes and never start with "data:".
-        self._body += data
-        while b"\n\n" in self._body:
-            block, self._body = self._body.split(b"\n\n", 1)
-            kind = None
-            for line in block.split(b"\n"):
-                line = line.rstrip(b"\r")
-                if line.startswith(b"event: "):
-                    kind = line[7:].decode()
-                elif line.startswith(b"data: "):
-                    obj = json.loads(line[6:])
-                    (self.resets if kind == "reset" else self.events).append(obj)
+        if self._feed is None:
+            self._head += data
+            if b"\r\n\r\n" not in self._head:
+                return
+            head, _, data = self._head.partition(b"\r\n\r\n")
+            self._feed = self._body
+            if b"transfer-encoding: chunked" in head.lower():
+                self._feed = _ChunkedTransferDecoder(self._body, lambda rest: None).dataReceived
+        self._feed(data)
+
+    def _body(self, data: bytes) -> None:
+        for message in self.parser.feed_bytes(data):
+            obj = json.loads(message.data)
+            (self.resets if message.event == "reset" else self.events).append(obj)
         for n, d in list(self._waiters):
             if len(self.events) >= n:
                 self._waiters.remove((n, d))

@@ -1,23 +1,35 @@
 """
-The remote publisher against a real server: batches from a background
-thread, a bounded queue that counts drops while the server is away, retries,
-flush, and its own cost as metrics.
+The remote publisher.
+
+Without sockets or threads (``SynchronousTestCase``): on a ``Clock`` with a
+fake transport, every rule of its sending in virtual time: the linger, full
+batches, the bounded queue, the backoff while the server is away, flush and
+close, refusals (400 naming an event, 413, 401), its own metrics; and the
+``ThreadClock`` it runs on by default.
+
+Against a real server on loopback: batches from its own thread, drops while
+the server is away then the retry, tokens, refusals, its cost as metrics.
 """
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.clients import free_port
-from trainstream.client import Publisher, api_base
+from trainstream.api import RunAPI
+from trainstream.client import Publisher
+from trainstream.client.clock import ThreadClock
 from trainstream.events import EventError
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 
 
 def one_port(port: int, **extra: Any) -> dict[str, Any]:
@@ -33,11 +45,11 @@ class PublisherTests(TestCase):
         self.addCleanup(server.stop)
         return server
 
-    def publisher(self, port: int, **kw: Any) -> Publisher:
+    def publisher(self, port: int, close_timeout: float = 5, **kw: Any) -> Publisher:
         kw.setdefault("report_every", 0)
         kw.setdefault("flush_at_exit", 0)
         publisher = Publisher(f"http://127.0.0.1:{port}", kw.pop("run", "remote"), **kw)
-        self.addCleanup(lambda: deferToThread(publisher.close, 5))
+        self.addCleanup(lambda: deferToThread(publisher.close, close_timeout))
         return publisher
 
     def test_everything_arrives_in_order(self) -> Deferred[None]:
@@ -92,7 +104,8 @@ class PublisherTests(TestCase):
 
         async def go() -> None:
             server = await self.serve(one_port(port, token="sesame"))
-            wrong = self.publisher(port, run="wrong", token="nope", max_backoff=0.2)
+            # (refused for good: closing it waits only a moment)
+            wrong = self.publisher(port, 0.2, run="wrong", token="nope", max_backoff=0.2)
             right = self.publisher(port, run="right", token="sesame")
             right.log({"x": 1}, step=1)
             self.assertTrue(await deferToThread(right.flush, 20))
@@ -159,7 +172,7 @@ class PublisherRefusalTests(TestCase):
             batch[3] = metric(3, 2**70)
             batch[7] = dict(metric(7, 7.0), colour="red")
             with self.assertLogs("trainstream.client", "WARNING") as logged:
-                pub._put(batch)
+                pub._enqueue(batch)
                 self.assertTrue(await deferToThread(pub.flush, 20))
             self.assertEqual(len(logged.records), 2)
             self.assertIn('"step":3', logged.output[0])
@@ -190,7 +203,7 @@ class PublisherRefusalTests(TestCase):
                 }
                 for i in range(200)  # 12 MB: over the 8 MiB a request may carry
             ]
-            pub._put(lines)
+            pub._enqueue(lines)
             self.assertTrue(await deferToThread(pub.flush, 30))
             got = [r.event["message"] for r in server.hub.store.after(0, lambda r: r.type == "log")]
             self.assertEqual([str(m).split()[0] for m in got], [str(i) for i in range(200)])
@@ -208,10 +221,237 @@ class PublisherInputTests(SynchronousTestCase):
                 pub.log(metrics, step=step)
         with self.assertRaises(EventError):
             pub.status("sleeping")
-
-    def test_urls(self) -> None:
-        self.assertEqual(api_base("http://h:1/api"), ("http", "h", 1, ""))
-        self.assertEqual(api_base("h:2/events"), ("http", "h", 2, ""))
-        self.assertEqual(api_base("https://h/proxy/api/"), ("https", "h", 443, "/proxy"))
+        with self.assertRaises(EventError):
+            Publisher("http://127.0.0.1:9", "bad run!", report_every=0, flush_at_exit=0)
         with self.assertRaises(ValueError):
-            api_base("ftp://h")
+            Publisher("ftp://127.0.0.1:9", "r", report_every=0, flush_at_exit=0)
+        self.assertIsInstance(pub, RunAPI)
+
+
+# Without sockets: a Clock and a fake transport
+
+
+class FakeTransport:
+    """
+    The server, as the Publisher's transport sees it: each POST's events, at
+    the clock's time; away (``up = False``: connection refused) or answering
+    ``answer(events)`` (default: 200).
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.up = True
+        self.answer: Any = lambda events: (200, b'{"accepted": %d}' % len(events))
+        #: (time, events) of every POST tried, refused or not
+        self.posts: list[tuple[float, list[dict[str, Any]]]] = []
+        self.stored: list[dict[str, Any]] = []
+        self.closes = 0
+
+    def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        assert path == "/api/events" and headers["Content-Type"] == "application/json"
+        events = json.loads(body)
+        self.posts.append((self.clock.seconds(), events))
+        if not self.up:
+            raise ConnectionRefusedError(111, "Connection refused")
+        status, answer = self.answer(events)
+        if status == 200:
+            self.stored.extend(events)
+        return status, answer
+
+    def close(self) -> None:
+        self.closes += 1
+
+    def times(self) -> list[float]:
+        return [t for t, _ in self.posts]
+
+    def steps(self) -> list[int]:
+        return [e["step"] for e in self.stored if e["type"] == "metric"]
+
+
+class PublisherRulesTests(SynchronousTestCase):
+    """How the Publisher sends, in virtual time: no thread, no socket."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = FakeTransport(self.clock)
+
+    def publisher(self, **kw: Any) -> Publisher:
+        kw.setdefault("report_every", 0)
+        kw.setdefault("flush_at_exit", 0)
+        kw.setdefault("max_backoff", 2.0)
+        return Publisher("http://h:1", "r", clock=self.clock, transport=self.server, **kw)
+
+    def test_events_gather_for_the_linger(self) -> None:
+        pub = self.publisher(linger=0.25)
+        for step in range(3):
+            pub.log({"loss": 1.0}, step=step)
+        self.clock.advance(0.2)
+        self.assertEqual(self.server.posts, [])
+        self.clock.advance(0.05)
+        ((when, events),) = self.server.posts
+        self.assertEqual(when, 0.25)
+        self.assertEqual([e["type"] for e in events], ["status", "metric", "metric", "metric"])
+        self.assertEqual((pub.sent, pub.queue_depth), (4, 0))
+        pub.log({"loss": 1.0}, step=3)  # a new batch, a new linger
+        self.clock.advance(0.25)
+        self.assertEqual(self.server.times(), [0.25, 0.5])
+
+    def test_a_full_batch_goes_at_once(self) -> None:
+        pub = self.publisher(batch_size=4, linger=10)
+        pub.log({"a": 1, "b": 2, "c": 3}, step=0)  # with "created": 4
+        pub.log({"a": 1}, step=1)
+        self.clock.advance(0)
+        self.assertEqual([len(events) for _, events in self.server.posts], [4])
+        self.clock.advance(10)  # the rest waits its linger
+        self.assertEqual([len(events) for _, events in self.server.posts], [4, 1])
+        self.assertEqual(self.server.times(), [0.0, 10.0])
+
+    def test_server_away_backoff_then_everything_in_order(self) -> None:
+        self.server.up = False
+        pub = self.publisher(linger=0.25)
+        pub.log({"loss": 0.5}, step=0)
+        for _ in range(16):
+            self.clock.advance(0.25)
+        # the linger, then 0.25, 0.5, 1, 2, 2 (the ceiling) apart
+        self.assertEqual(self.server.times(), [0.25, 0.5, 1.0, 2.0, 4.0])
+        self.assertIn("h:1 unreachable", pub.last_error or "")
+        self.assertEqual(pub.queue_depth, 2)  # kept
+        self.server.up = True
+        pub.log({"loss": 0.25}, step=1)
+        self.clock.advance(1.75)
+        self.assertEqual(len(self.server.posts), 5)  # still waiting its turn
+        self.clock.advance(0.25)
+        self.assertEqual(self.server.steps(), [0, 1])
+        self.assertIsNone(pub.last_error)
+        self.server.up = False  # after a success the backoff starts again
+        pub.log({"loss": 0.0}, step=2)
+        self.clock.advance(0.25)
+        self.clock.advance(0.25)
+        self.assertEqual(self.server.times()[-2:], [6.25, 6.5])
+
+    def test_the_queue_keeps_the_newest(self) -> None:
+        self.server.up = False
+        pub = self.publisher(max_queue=5)
+        for step in range(10):
+            pub.log({"loss": float(step)}, step=step)
+        self.assertEqual((pub.queue_depth, pub.dropped), (5, 6))  # "created" and 5 metrics
+        self.clock.advance(0.25)  # refused: the batch goes back, still bounded
+        pub.log({"loss": 10.0}, step=10)
+        self.assertEqual((pub.queue_depth, pub.dropped), (5, 7))
+        self.server.up = True
+        self.clock.advance(0.25)
+        self.assertEqual(self.server.steps(), [6, 7, 8, 9, 10])
+        self.server.up = False
+        pub.log({f"m{i}": i for i in range(8)}, step=11)  # more than max_queue in one call
+        self.assertEqual((pub.queue_depth, pub.dropped), (5, 10))
+
+    def test_flush_sends_at_once(self) -> None:
+        pub = self.publisher(linger=10)
+        pub.log({"loss": 0.5}, step=0)
+        self.assertFalse(pub.flush(timeout=0))  # nothing sent yet: not flushed
+        self.clock.advance(0)  # but it goes now, not after the linger
+        self.assertEqual(self.server.times(), [0.0])
+        self.assertTrue(pub.flush(timeout=0))
+        self.server.up = False
+        pub.log({"loss": 0.5}, step=1)
+        pub.flush(timeout=0)
+        self.clock.advance(0)
+        self.clock.advance(0.1)  # in the backoff (0.25), a flush tries at once again
+        pub.flush(timeout=0)
+        self.clock.advance(0)
+        self.assertEqual(self.server.times(), [0.0, 0.0, 0.1])
+
+    def test_close_makes_a_last_attempt_then_sends_nothing(self) -> None:
+        pub = self.publisher(linger=10)
+        pub.log({"loss": 0.5}, step=0)
+        self.assertFalse(pub.close(timeout=0))
+        self.clock.advance(0)
+        self.assertEqual(self.server.steps(), [0])
+        self.assertGreaterEqual(self.server.closes, 1)
+        pub.log({"loss": 0.5}, step=1)
+        self.clock.advance(100)
+        self.assertEqual(self.server.steps(), [0])
+
+    def test_one_refused_event_costs_only_itself(self) -> None:
+        def answer(events: list[dict[str, Any]]) -> tuple[int, bytes]:
+            for index, event in enumerate(events):
+                if event.get("step") == 3:
+                    return 400, json.dumps({"error": "step 3 is bad", "index": index}).encode()
+            return 200, b"{}"
+
+        self.server.answer = answer
+        pub = self.publisher()
+        for step in range(5):
+            pub.log({"loss": 0.5}, step=step)
+        with self.assertLogs("trainstream.client", "WARNING"):
+            self.clock.advance(0.25)
+        self.assertEqual(self.server.steps(), [0, 1, 2, 4])
+        self.assertEqual((pub.rejected, pub.sent), (1, 5))
+        self.assertEqual(pub.rejected_events[0][1], "step 3 is bad")
+
+    def test_too_large_goes_in_halves(self) -> None:
+        def answer(events: list[dict[str, Any]]) -> tuple[int, bytes]:
+            return (413, b'{"error": "too large"}') if len(events) > 2 else (200, b"{}")
+
+        self.server.answer = answer
+        pub = self.publisher()
+        for step in range(7):
+            pub.log({"loss": 0.5}, step=step)
+        self.clock.advance(0.25)
+        self.assertEqual(self.server.steps(), list(range(7)))
+        self.assertEqual(pub.rejected, 0)
+
+    def test_a_wrong_token_is_retried_on_a_new_connection(self) -> None:
+        self.server.answer = lambda events: (401, b'{"error": "a token is needed"}')
+        pub = self.publisher(token="nope")
+        self.clock.advance(0.25)
+        self.clock.advance(0.25)
+        self.assertEqual(self.server.times(), [0.25, 0.5])
+        self.assertEqual(self.server.closes, 2)
+        self.assertEqual(pub.last_error, "server answered 401: a token is needed")
+        self.assertEqual(pub.queue_depth, 1)  # kept for when the token is right
+
+    def test_its_own_metrics(self) -> None:
+        pub = self.publisher(report_every=10)
+        pub.log({"loss": 0.5}, step=0)
+        self.clock.advance(0.25)
+        self.clock.advance(9.75)
+        self.clock.advance(0.25)
+        names = [e["name"] for e in self.server.stored if e["type"] == "metric"]
+        self.assertEqual(
+            names,
+            ["loss", "trainstream/log_us", "trainstream/queue_depth", "trainstream/dropped"],
+        )
+        log_us = next(
+            e["value"] for e in self.server.stored if e.get("name") == "trainstream/log_us"
+        )
+        self.assertGreater(log_us, 0)
+        self.clock.advance(10)
+        self.clock.advance(0.25)
+        self.assertEqual(len(self.server.stored), 2 + 3 + 3)  # every report_every
+
+
+class ThreadClockTests(SynchronousTestCase):
+    """The Publisher's own thread: ``callLater`` without a reactor (bounded waits)."""
+
+    def test_calls_in_time_order_cancel_and_stop(self) -> None:
+        clock = ThreadClock("test-clock")
+        self.addCleanup(clock.stop, 5)
+        ran: list[str] = []
+        done = threading.Event()
+        clock.callLater(0.02, lambda: ran.append("b"))
+        clock.callLater(0, lambda: ran.append("a"))
+        with self.assertLogs("trainstream.client", "ERROR"):
+            clock.callLater(0.01, lambda: 1 / 0)  # logged; the next calls run all the same
+            dropped = clock.callLater(0.01, lambda: ran.append("cancelled"))
+            dropped.cancel()
+            clock.callLater(0.03, done.set)
+            self.assertTrue(done.wait(5))
+        self.assertEqual(ran, ["a", "b"])
+        self.assertFalse(dropped.active())
+        late = clock.callLater(60, lambda: ran.append("late"))
+        clock.callLater(0, lambda: ran.append("due"))
+        self.assertTrue(clock.stop(5))  # runs what is due, drops the rest
+        self.assertEqual(ran, ["a", "b", "due"])
+        self.assertTrue(late.active())  # never run: the thread is gone
+        self.assertFalse(clock.callLater(0, lambda: None).active())  # stopped for good

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.clients import ANY_PORTS
 from trainstream.integrations._target import metrics_of, number, params_of, sanitize
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from tests.clients import ANY_PORTS
 from trainstream.events import EventError
 from trainstream.integrations.tensorboard import SummaryWriter, _default_run, sanitize
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["add_scalar", "add_scalars", "add_text", "add_hparams", "flush", "close"]

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -17,7 +17,7 @@ from tests.clients import ANY_PORTS, connect_sse
 from trainstream.events import EventError
 from trainstream.hub import Hub
 from trainstream.run import Inbox, Run
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 from trainstream.store.memory import MemoryStore
 
 
@@ -35,8 +35,8 @@ class InboxTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.hub = Hub(MemoryStore())
         self.reactor = HeldReactor()
-        self.inbox = Inbox(self.reactor, self.hub.publish)
-        self.run = Run(server=None, name="r", inbox=self.inbox)  # type: ignore[arg-type]
+        self.inbox = Inbox(self.reactor, self.hub.accept)
+        self.run = Run("r", self.inbox, flush_deferred=lambda: succeed(None), blocking=lambda: None)
 
     def test_log_only_queues_and_wakes_once_per_batch(self) -> None:
         """10,000 calls while the reactor is busy: all return, one wake-up."""

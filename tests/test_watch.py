@@ -1,8 +1,8 @@
 """
-The terminal clients: ``python -m trainstream tail`` and ``watch`` run as
-real subprocesses against a real server on loopback; the SSE client against
-a scripted server (overflow, reset, chunk boundaries); the watch model and
-its rendering on synthetic events.
+The terminal clients (``trainstream.cli``): ``python -m trainstream tail``
+and ``watch`` run as real subprocesses against a real server on loopback;
+the watch feeder against a real server; the watch model and its rendering on
+synthetic events. (The SSE client and parser: ``tests.test_subscriber``.)
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 from rich.console import Console
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.python.failure import Failure
@@ -27,24 +26,19 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.clients import config_on, free_port
 from tests.test_streaming import ServerTestCase, d, metric
 from trainstream.__main__ import build_parser
-from trainstream.service import StreamServer
-from trainstream.watch import (
-    ConnState,
-    Event,
-    Feeder,
-    Reset,
+from trainstream.cli.model import (
     RunView,
     Series,
     Snapshot,
-    SSEClient,
-    SSEParser,
     WatchModel,
     choose_columns,
     format_value,
-    parse_endpoint,
-    render,
-    sparkline,
 )
+from trainstream.cli.render import render, sparkline
+from trainstream.cli.watch import Feeder
+from trainstream.client.http import parse_endpoint
+from trainstream.client.sse import ConnState, Event, Reset
+from trainstream.server import StreamServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,13 +46,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Helpers
 
 
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait for a condition with a bounded poll."""
     deadline = reactor.seconds() + timeout
     while not condition():
         if reactor.seconds() > deadline:
             raise AssertionError("condition not met in time")
         await deferLater(reactor, 0.02, lambda: None)
+
+
+async def within(d: Deferred[Any], seconds: float, stop: Callable[[], object]) -> Any:
+    """
+    ``await d``, calling ``stop()`` if it has not fired after ``seconds``:
+    ``stop`` ends what ``d`` waits for (a client's iteration, a process),
+    so a broken resume fails the test's assertions instead of hanging it.
+    """
+    timer = reactor.callLater(seconds, stop)
+    try:
+        return await d
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 class CLI(ProcessProtocol):
@@ -81,6 +89,15 @@ class CLI(ProcessProtocol):
         self.running = False
         self.exit_code = reason.value.exitCode
         self.ended.callback(self.exit_code)
+
+    def finished(self, seconds: float = 10.0) -> Deferred[int | None]:
+        """The exit code; the process is killed if it runs for ``seconds`` more."""
+
+        def kill() -> None:
+            if self.running:
+                self.transport.signalProcess("KILL")
+
+        return Deferred.fromCoroutine(within(self.ended, seconds, kill))
 
     @property
     def lines(self) -> list[dict[str, Any]]:
@@ -129,7 +146,7 @@ class TailTests(ServerTestCase):
                 + [metric("r/1", 4, "NaN"), metric("r/1", 5, "-Infinity")]
             )
             cli = spawn(self, "tail", base_url(self.server), "--after", "0", "--limit", "6")
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             events = cli.lines
             self.assertEqual([e["id"] for e in events], [1, 2, 3, 4, 5, 6])
             self.assertEqual([e["value"] for e in events][4:], ["NaN", "-Infinity"])
@@ -157,7 +174,7 @@ class TailTests(ServerTestCase):
                 "--limit",
                 "3",
             )
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             self.assertEqual([e["id"] for e in cli.lines], [3, 4, 5])
             self.assertEqual({e["run"] for e in cli.lines}, {"keep"})
 
@@ -175,7 +192,7 @@ class TailTests(ServerTestCase):
             )
             await until(lambda: len(cli.lines) == 2)
             cli.transport.signalProcess("INT")
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             self.assertEqual([(e["id"], e["type"]) for e in cli.lines], [(2, "metric"), (3, "log")])
             self.assertNotIn(b"Traceback", cli.err)
 
@@ -185,7 +202,7 @@ class TailTests(ServerTestCase):
         async def go() -> None:
             self.server.hub.accept([metric("a", s) for s in range(5)])
             cli = spawn(self, "tail", base_url(self.server), "--once", "--after", "1")
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             self.assertEqual([e["id"] for e in cli.lines], [2, 3, 4, 5])
 
         return d(go())
@@ -203,7 +220,7 @@ class TailTests(ServerTestCase):
                     break
                 self.server.hub.accept([metric("a", s)])
                 await deferLater(reactor, 0.02, lambda: None)
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             self.assertNotIn(b"Traceback", cli.err)
             self.assertNotIn(b"BrokenPipe", cli.err)
 
@@ -218,7 +235,7 @@ class TokenTests(ServerTestCase):
         async def go() -> None:
             self.server.hub.accept([metric("t", 1)])
             refused = spawn(self, "tail", base_url(self.server), "--after", "0", "--limit", "1")
-            self.assertEqual(await refused.ended, 1)
+            self.assertEqual(await refused.finished(), 1)
             self.assertIn(b"401", refused.err)
             self.assertIn(b"token", refused.err)
             ok = spawn(
@@ -231,12 +248,12 @@ class TokenTests(ServerTestCase):
                 "1",
                 TRAINSTREAM_TOKEN="s3cret",
             )
-            self.assertEqual(await ok.ended, 0)
+            self.assertEqual(await ok.finished(), 0)
             self.assertEqual([e["run"] for e in ok.lines], ["t"])
             watch = spawn(
                 self, "watch", base_url(self.server), "--token", "s3cret", "--frames", "1"
             )
-            self.assertEqual(await watch.ended, 0)
+            self.assertEqual(await watch.finished(), 0)
             self.assertIn(b"t ", watch.out)
 
         return d(go())
@@ -266,7 +283,7 @@ class RestartTests(TestCase):
             await self.server.start()
             await until(lambda: len(cli.lines) == 9)
             self.server.hub.accept([metric("a", s) for s in range(9, 12)])
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             self.assertEqual([e["id"] for e in cli.lines], list(range(1, 13)))
             self.assertEqual([e["step"] for e in cli.lines], list(range(12)))
 
@@ -287,7 +304,7 @@ class RestartTests(TestCase):
             other.hub.accept([metric("b", s) for s in range(2)])
             self.addCleanup(other.stop)
             await other.start()
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             lines = cli.lines
             self.assertEqual(len(lines), 9)
             self.assertEqual(lines[6]["type"], "reset")
@@ -308,7 +325,7 @@ class WatchProcessTests(ServerTestCase):
                 + [metric("exp-2", 1, "NaN")]
             )
             cli = spawn(self, "watch", base_url(self.server), "--frames", "2")
-            self.assertEqual(await cli.ended, 0)
+            self.assertEqual(await cli.finished(), 0)
             out = cli.out.decode()
             self.assertIn("team/exp-1", out)
             self.assertIn("exp-2", out)
@@ -350,12 +367,13 @@ class FeederTests(ServerTestCase):
 
             feeder.http.get_json = get_json  # type: ignore[method-assign]
             running = deferToThread(feeder.run)
+            self.addCleanup(feeder.close)
             await until(lambda: any(isinstance(i, Snapshot) for i in items))
             await until(lambda: self.server.clients.counts()["sse"] == 1)
             hub.accept([metric("a/b", 6, 6.0)])
             await until(lambda: any(isinstance(i, Event) and i.id == 7 for i in items))
             feeder.close()
-            await running
+            await running.addTimeout(10, reactor)  # a feeder that does not stop fails here
             self.assertIsNone(feeder.error)
             snapshot = next(i for i in items if isinstance(i, Snapshot))
             self.assertEqual((snapshot.last_id, snapshot.boundary), (5, 6))
@@ -374,164 +392,10 @@ class FeederTests(ServerTestCase):
         return d(go())
 
 
-# The SSE client against a scripted server
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def _sse(event_id: int, run: str = "r") -> bytes:
-    data = json.dumps(
-        {"id": event_id, "type": "metric", "run": run, "name": "x", "step": event_id, "value": 1.0}
-    )
-    return f"id: {event_id}\nevent: metric\ndata: {data}\n\n".encode()
-
-
-class ScriptedSSE(Protocol):
-    def __init__(self, scripts: list[list[bytes]], requests: list[str]) -> None:
-        self.scripts, self.requests, self.buf = scripts, requests, b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buf += data
-        if b"\r\n\r\n" not in self.buf:
-            return
-        head = self.buf.split(b"\r\n\r\n")[0].decode()
-        self.buf = b""
-        if head.split()[1] == "/api/health":
-            body = json.dumps({"status": "ok", "last_id": 0, "epoch": "e1"}).encode()
-            self.transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-            )
-            self.transport.loseConnection()
-            return
-        self.requests.append(head)
-        if not self.scripts:
-            self.transport.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
-            self.transport.loseConnection()
-            return
-        self.transport.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-        )
-        for piece in self.scripts.pop(0):
-            self.transport.write(_chunk(piece))
-        self.transport.write(b"0\r\n\r\n")
-        self.transport.loseConnection()
-
-
-class SSEClientTests(TestCase):
-    timeout = 30
-
-    def test_overflow_reset_chunks_and_dedupe(self) -> Deferred[None]:
-        """
-        Keepalives and a line split across chunks are read; an overflow
-        resumes at once with Last-Event-ID; an id already seen is dropped; a
-        reset is handed out and ids follow the new history.
-        """
-        one, two = _sse(1), _sse(2)
-        scripts = [
-            [
-                b"retry: 50\n\n",
-                b": keepalive\n\n",
-                one,
-                two[:20],
-                two[20:],
-                b'event: overflow\ndata: {"reason": "slow", "last_id": 2}\n\n',
-            ],
-            [
-                two,
-                _sse(3),
-                b'event: reset\ndata: {"reason": "gone", "oldest_id": 10}\n\n',
-                _sse(10),
-                b": keepalive\r\n\r\n",
-                _sse(11),
-            ],
-        ]
-        requests: list[str] = []
-
-        async def go() -> None:
-            port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-                Factory.forProtocol(lambda: ScriptedSSE(scripts, requests))
-            )
-            self.addCleanup(port.stopListening)
-            states: list[ConnState] = []
-            client = SSEClient(
-                parse_endpoint(f"127.0.0.1:{port.getHost().port}"),
-                runs=["r"],
-                on_state=states.append,
-            )
-
-            def collect() -> list[Event | Reset]:
-                got: list[Event | Reset] = []
-                for item in client.items():
-                    got.append(item)
-                    if len(got) == 6:
-                        client.close()
-                return got
-
-            got = await deferToThread(collect)
-            self.assertEqual(
-                [i.id if isinstance(i, Event) else ("reset", i.oldest_id) for i in got],
-                [1, 2, 3, ("reset", 10), 10, 11],
-            )
-            self.assertEqual(len(requests), 2)
-            self.assertTrue(requests[0].startswith("GET /events?run=r "))
-            self.assertNotIn("last-event-id", requests[0].lower())
-            self.assertIn("Last-Event-ID: 2", requests[1])
-            self.assertEqual(client.retry_s, 0.05)
-            self.assertIn("connected", [s.status for s in states])
-            self.assertEqual(client.last_id, 11)
-
-        return d(go())
-
-
 # Pure parts
 
 
-class ParserTests(SynchronousTestCase):
-    def test_sse_lines(self) -> None:
-        parser = SSEParser()
-        messages = [
-            parser.feed(line)
-            for line in [
-                "retry: 3000",
-                "",
-                ": keepalive",
-                "",
-                "id: 7",
-                "event: metric",
-                'data: {"a":',
-                "data:1}",
-                "",
-            ]
-        ]
-        self.assertEqual(parser.retry_ms, 3000)
-        self.assertEqual(parser.comments, 1)
-        message = [m for m in messages if m is not None]
-        self.assertEqual(len(message), 1)
-        self.assertEqual((message[0].event, message[0].id), ("metric", "7"))
-        self.assertEqual(json.loads(message[0].data), {"a": 1})
-
-    def test_endpoints(self) -> None:
-        for url in (
-            "http://127.0.0.1:8890",
-            "http://127.0.0.1:8890/",
-            "http://127.0.0.1:8890/api",
-            "http://127.0.0.1:8890/api/health",
-            "127.0.0.1:8890",
-        ):
-            self.assertEqual(parse_endpoint(url).base, "http://127.0.0.1:8890", url)
-        sse = parse_endpoint("http://h:8888/events?run=a&run=b&token=t")
-        self.assertEqual(
-            (sse.base, sse.query["run"], sse.query["token"]), ("http://h:8888", ("a", "b"), ("t",))
-        )
-        self.assertEqual(parse_endpoint("https://h/ts/events").base, "https://h:443/ts")
-        from trainstream.watch import WatchError
-
-        self.assertRaises(WatchError, parse_endpoint, "ws://h:1/ws")
-
+class OptionTests(SynchronousTestCase):
     def test_cli_options(self) -> None:
         args = build_parser().parse_args(
             ["tail", "h:1", "--type", "metric,status", "--type", "log", "--run", "a*"]

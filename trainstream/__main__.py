@@ -1,14 +1,16 @@
 """
 ``python -m trainstream watch URL`` and ``python -m trainstream tail URL``:
-terminal clients of a running server (see ``trainstream.watch``).
+terminal clients of a running server (see :mod:`trainstream.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from trainstream._version import __version__
 
@@ -119,51 +121,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from trainstream.watch import (
-        TailOptions,
-        WatchError,
-        WatchOptions,
-        quiet_broken_pipe,
-        run_tail,
-        run_watch,
-    )
+    from trainstream.client.http import ClientError
 
+    server: dict[str, Any] = {
+        "url": args.url,
+        "runs": _split(args.run),
+        "names": _split(args.name),
+        "token": args.token,
+    }
     try:
         if args.command == "tail":
-            return run_tail(
-                TailOptions(
-                    url=args.url,
-                    runs=_split(args.run),
-                    names=_split(args.name),
-                    types=_split(args.type),
-                    token=args.token,
-                    after=args.after,
-                    limit=args.limit,
-                    once=args.once,
-                    quiet=args.quiet,
-                ),
-                sys.stdout,
-                sys.stderr,
+            from trainstream.cli.tail import TailOptions, run_tail
+
+            tail = TailOptions(
+                **server,
+                types=_split(args.type),
+                after=args.after,
+                limit=args.limit,
+                once=args.once,
+                quiet=args.quiet,
             )
-        return run_watch(
-            WatchOptions(
-                url=args.url,
-                runs=_split(args.run),
-                names=_split(args.name),
-                token=args.token,
-                columns=args.columns,
-                frames=args.frames,
-                refresh_hz=args.refresh,
-            )
+            return run_tail(tail, sys.stdout, sys.stderr)
+        from trainstream.cli.watch import WatchOptions, run_watch
+
+        watch = WatchOptions(
+            **server, columns=args.columns, frames=args.frames, refresh_hz=args.refresh
         )
+        return run_watch(watch)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:
         quiet_broken_pipe()
         return 0
-    except WatchError as e:
+    except ClientError as e:
         print(f"trainstream {args.command}: {e}", file=sys.stderr)
         return 1
+
+
+def quiet_broken_pipe() -> None:
+    """After EPIPE on stdout: make the interpreter's final flush silent."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -2,24 +2,32 @@
 What the framework integrations share: where a run publishes to, and how a
 framework's names and values become valid trainstream events.
 
-:func:`open_run` returns a :class:`Target` with the Run API: through
-:class:`trainstream.client.Publisher` when given a ``url``, else on the
-process-wide embedded server (``get_stream_server(server_config)``), which
-``close()`` releases. This module imports no framework.
+:func:`open_run` returns a :class:`Target` with the Run API
+(:class:`trainstream.api.RunAPI`): through :class:`trainstream.client.Publisher`
+when given a ``url``, else on the process-wide embedded server
+(``get_stream_server(server_config)``), which ``close()`` releases.
+:class:`LazyRun` is the constructor path of the Keras, Lightning and
+transformers adapters: their options checked at once, the run opened on first
+use. This module imports no framework.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from trainstream.events import MAX_NAME_LENGTH, MAX_RUN_LENGTH
+from trainstream.api import Event, RunAPI
+from trainstream.client import Publisher
+from trainstream.events import BAD_NAME_CHAR_RE, INT_MAX, INT_MIN, MAX_NAME_LENGTH, MAX_RUN_LENGTH
+
+if TYPE_CHECKING:
+    from trainstream.run import Run
 
 __all__ = [
+    "LazyRun",
     "Target",
     "check_options",
     "default_run_name",
@@ -29,76 +37,49 @@ __all__ = [
     "sanitize",
 ]
 
-_BAD = re.compile(r"[^A-Za-z0-9._:/\-]")
-_INT_MAX = 2**63 - 1
 #: Longer string hyperparameters are cut, so the hparams event stays small.
 MAX_PARAM_TEXT = 1000
 
 
-class Sink(Protocol):
-    """What ``trainstream.Run`` and ``trainstream.client.Publisher`` both offer."""
-
-    def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None: ...
-    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None: ...
-    def text(self, message: str, level: str = "info") -> None: ...
-    def hparams(self, params: Mapping[str, object]) -> None: ...
-    def finish(self) -> None: ...
-    def fail(self, message: str) -> None: ...
-
-
-class Target:
+class Target(RunAPI):
     """
     One run, remote or embedded, with the Run API plus ``flush`` and
     ``close`` that behave the same either way.
 
-    :ivar sink: the ``Publisher`` or the embedded ``Run`` underneath.
+    :param sink: the ``Publisher`` or the embedded ``Run`` underneath; events
+        are checked here and queued on it.
+    :param release: ``close()`` releases the embedded server.
+    :param flush_timeout: remote only: how long a flush waits for the server.
     """
 
     def __init__(
         self,
-        name: str,
-        sink: Sink,
+        sink: Publisher | Run,
         *,
-        publisher: Any = None,
         release: bool = False,
         flush_timeout: float | None = 30.0,
     ) -> None:
-        self.name = name
+        super().__init__(sink.name)
         self.sink = sink
-        self._publisher = publisher
         self._release = release
         self._flush_timeout = flush_timeout
         self._lock = threading.Lock()
         self.closed = False
 
-    # The Run API
+    def _enqueue(self, events: list[Event]) -> None:
+        self.sink._enqueue(events)
 
     def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
-        self.sink.log(metrics, step, time_s)
-
-    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
-        self.sink.status(state, epoch, message)
-
-    def text(self, message: str, level: str = "info") -> None:
-        self.sink.text(message, level)
-
-    def hparams(self, params: Mapping[str, object]) -> None:
-        self.sink.hparams(params)
-
-    def finish(self) -> None:
-        self.sink.finish()
-
-    def fail(self, message: str) -> None:
-        self.sink.fail(message)
+        self.sink.log(metrics, step, time_s)  # the sink's own path (Run's is the fast one)
 
     def flush(self) -> bool:
         """
         Wait until everything logged so far is stored; ``False`` if a remote
         server did not take it within ``flush_timeout``.
         """
-        if self._publisher is not None:
-            return bool(self._publisher.flush(self._flush_timeout))
-        self.sink.flush()  # type: ignore[attr-defined]
+        if isinstance(self.sink, Publisher):
+            return self.sink.flush(self._flush_timeout)
+        self.sink.flush()
         return True
 
     def close(self) -> bool:
@@ -107,13 +88,13 @@ class Target:
             if self.closed:
                 return True
             self.closed = True
-        if self._publisher is not None:
-            return bool(self._publisher.close(self._flush_timeout))
+        if isinstance(self.sink, Publisher):
+            return self.sink.close(self._flush_timeout)
         try:
-            self.sink.flush()  # type: ignore[attr-defined]
+            self.sink.flush()
         finally:
             if self._release:
-                from trainstream.manager import release_stream_server
+                from trainstream.embedded import release_stream_server
 
                 release_stream_server()
         return True
@@ -132,20 +113,23 @@ def open_run(
     """
     A run named ``run`` (sanitized), announced as ``created``.
 
-    :param url: a trainstream server (``http://host:port``): publish over
-        HTTP. Without it, the process-wide embedded server is acquired.
+    :param url: a trainstream server (``http://host:port``): publish with
+        :class:`trainstream.client.Publisher`. Without it, the process-wide
+        embedded server is acquired (``trainstream.get_stream_server``), and
+        released by the run's ``close()``.
     :param token: the remote server's bearer token (only with ``url``).
     :param server_config: the embedded server's config (only without ``url``).
+    :param flush_timeout: remote only: how long ``flush`` and ``close`` wait
+        for the server (``None``: no limit).
     :param who: names the caller in error messages.
     """
     check_options(who, url, token, server_config)
     name = sanitize(run, MAX_RUN_LENGTH)
     if url is not None:
-        from trainstream.client import Publisher
-
-        publisher = Publisher(url, name, token=token, hparams=hparams)
-        return Target(name, publisher, publisher=publisher, flush_timeout=flush_timeout)
-    from trainstream.manager import get_stream_server, release_stream_server
+        return Target(
+            Publisher(url, name, token=token, hparams=hparams), flush_timeout=flush_timeout
+        )
+    from trainstream.embedded import get_stream_server, release_stream_server
 
     server = get_stream_server(server_config)
     try:
@@ -153,7 +137,66 @@ def open_run(
     except BaseException:
         release_stream_server()
         raise
-    return Target(name, embedded, release=True, flush_timeout=flush_timeout)
+    return Target(embedded, release=True, flush_timeout=flush_timeout)
+
+
+class LazyRun:
+    """
+    The run of a framework adapter, as its constructor was told: the
+    options are checked at once, the run is opened on first use (once).
+    The adapters pass their own constructor's options, in this order.
+
+    :param who: the adapter, for error messages.
+    :param name: the run's name (sanitized when opened).
+    :param prefix: without ``name``, name the run ``PREFIX-YYYYmmdd-HHMMSS``
+        now; without either, :meth:`open` is given the name.
+    :param url, token, server_config, flush_timeout: as :func:`open_run`'s.
+    :ivar target: the :class:`Target`, once opened.
+    """
+
+    def __init__(
+        self,
+        who: str,
+        name: str | None,
+        prefix: str | None,
+        url: str | None,
+        token: str | None,
+        server_config: Any,
+        flush_timeout: float | None,
+    ) -> None:
+        check_options(who, url, token, server_config)
+        self.who = who
+        self.name = default_run_name(prefix) if name is None and prefix is not None else name
+        self._where: dict[str, Any] = {"url": url, "token": token, "server_config": server_config}
+        self._where["flush_timeout"] = flush_timeout
+        self.target: Target | None = None
+
+    def open(self, default_name: str | None = None) -> Target:
+        """The run, opened now if it is not yet (named ``name``, else ``default_name``)."""
+        if self.target is None:
+            name = self.name or default_name  # an empty name too takes the default
+            self.target = open_run(name or "", **self._where, who=self.who)
+            self.name = self.target.name
+        return self.target
+
+    def end(self, failure: str | None = None) -> None:
+        """Training ended: ``finished`` (or ``failed`` with ``failure``), then a flush."""
+        if self.target is None:
+            return
+        if failure is None:
+            self.target.finish()
+        else:
+            self.target.fail(failure)
+        self.target.flush()
+
+    def flush(self) -> None:
+        if self.target is not None:
+            self.target.flush()
+
+    def close(self) -> None:
+        """Flush and close the run (releasing the embedded server), if it was opened."""
+        if self.target is not None:
+            self.target.close()
 
 
 def check_options(who: str, url: str | None, token: str | None, server_config: Any) -> None:
@@ -170,7 +213,7 @@ def sanitize(name: object, max_length: int = MAX_NAME_LENGTH) -> str:
     outside ``[A-Za-z0-9._:/-]`` become ``_``, leading ``/`` are dropped, and
     it is cut to ``max_length`` (``"val loss"`` → ``"val_loss"``).
     """
-    clean = _BAD.sub("_", str(name)).lstrip("/")[:max_length]
+    clean = BAD_NAME_CHAR_RE.sub("_", str(name)).lstrip("/")[:max_length]
     return clean or "_"
 
 
@@ -189,7 +232,7 @@ def number(value: object) -> float | int | None:
         return None
     if isinstance(value, int):
         value = int(value)
-        return value if -_INT_MAX - 1 <= value <= _INT_MAX else float(value)
+        return value if INT_MIN <= value <= INT_MAX else float(value)
     if isinstance(value, float):
         return float(value)  # numpy's float64 is a float too
     size = getattr(value, "size", None)

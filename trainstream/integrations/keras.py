@@ -33,11 +33,9 @@ from typing import Any
 import keras  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
 from trainstream.integrations._target import (
+    LazyRun,
     Target,
-    check_options,
-    default_run_name,
     metrics_of,
-    open_run,
     params_of,
 )
 
@@ -49,15 +47,10 @@ class TrainstreamCallback(keras.callbacks.Callback):  # type: ignore[misc]
     Publish a Keras ``fit`` to trainstream.
 
     :param run: the run's name (sanitized); ``keras-YYYYmmdd-HHMMSS`` if not given.
-    :param url: a trainstream server (``http://host:port``): publish with
-        :class:`trainstream.client.Publisher`. Without it, the process-wide
-        embedded server is used (``trainstream.get_stream_server``) and
-        released by ``close()``.
-    :param token: the remote server's bearer token.
-    :param server_config: the embedded server's config (not with ``url``).
     :param update_freq: log batch metrics every N batches, or ``"epoch"`` for
         epoch metrics only (as Keras' ``TensorBoard`` callback).
-    :param flush_timeout: remote only: how long a flush waits for the server.
+    :param url, token, server_config, flush_timeout: where the run goes, as for every
+        adapter (:func:`~trainstream.integrations._target.open_run`).
     """
 
     def __init__(
@@ -71,37 +64,25 @@ class TrainstreamCallback(keras.callbacks.Callback):  # type: ignore[misc]
         flush_timeout: float | None = 30.0,
     ) -> None:
         super().__init__()
-        check_options("TrainstreamCallback", url, token, server_config)
+        self._trainstream = LazyRun(
+            "TrainstreamCallback", run, "keras", url, token, server_config, flush_timeout
+        )
         if update_freq != "epoch" and not (isinstance(update_freq, int) and update_freq >= 1):
             raise ValueError(
                 f'TrainstreamCallback: update_freq must be an integer >= 1 or "epoch", '
                 f"got {update_freq!r}"
             )
-        self._run_name = run if run is not None else default_run_name("keras")
-        self._url = url
-        self._token = token
-        self._server_config = server_config
         self._update_freq = update_freq
-        self._flush_timeout = flush_timeout
         #: Training batches seen so far, over every ``fit`` of this callback.
         self.step = 0
-        #: The run (:class:`~trainstream.integrations._target.Target`), once training began.
-        self.run: Target | None = None
 
-    def _open(self) -> Target:
-        if self.run is None:
-            self.run = open_run(
-                self._run_name,
-                url=self._url,
-                token=self._token,
-                server_config=self._server_config,
-                flush_timeout=self._flush_timeout,
-                who="TrainstreamCallback",
-            )
-        return self.run
+    @property
+    def run(self) -> Target | None:
+        """The run (:class:`~trainstream.integrations._target.Target`), once training began."""
+        return self._trainstream.target
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
-        run = self._open()
+        run = self._trainstream.open()
         params = params_of(dict(self.params or {}))
         optimizer = getattr(getattr(self, "model", None), "optimizer", None)
         if optimizer is not None:
@@ -123,22 +104,18 @@ class TrainstreamCallback(keras.callbacks.Callback):  # type: ignore[misc]
             return
         metrics = metrics_of(logs)
         if metrics:
-            self._open().log(metrics, step)
+            self._trainstream.open().log(metrics, step)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        run = self._open()
+        run = self._trainstream.open()
         metrics = metrics_of(logs or {}, "epoch/")
         if metrics:
             run.log(metrics, self.step)
         run.status("running", epoch=int(epoch) + 1)
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        if self.run is None:
-            return
-        self.run.finish()
-        self.run.flush()
+        self._trainstream.end()
 
     def close(self) -> None:
         """Flush and close the run (releasing the embedded server)."""
-        if self.run is not None:
-            self.run.close()
+        self._trainstream.close()

@@ -35,12 +35,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from trainstream.integrations._target import (
+    LazyRun,
     Target,
-    check_options,
-    default_run_name,
     metrics_of,
     number,
-    open_run,
     params_of,
 )
 
@@ -73,14 +71,10 @@ class _Publishing:
         flush_timeout: float | None = 30.0,
     ) -> None:
         super().__init__()
-        check_options("TrainstreamLogger", url, token, server_config)
-        self._run_name = run if run is not None else default_run_name("lightning")
-        self._url = url
-        self._token = token
-        self._server_config = server_config
+        self._trainstream = LazyRun(
+            "TrainstreamLogger", run, "lightning", url, token, server_config, flush_timeout
+        )
         self._version = version
-        self._flush_timeout = flush_timeout
-        self._target: Target | None = None
         self._epoch: int | None = None
         self._ended = False
         self._step = 0
@@ -90,8 +84,8 @@ class _Publishing:
 
     @property
     def name(self) -> str:
-        """The run's name."""
-        return self._run_name
+        """The run's name (sanitized once the run is opened)."""
+        return str(self._trainstream.name)
 
     @property
     def version(self) -> int | str | None:
@@ -102,17 +96,7 @@ class _Publishing:
         """The run (opened on first use), or ``None`` on ranks other than 0."""
         if not self._is_rank_zero():
             return None
-        if self._target is None:
-            self._target = open_run(
-                self._run_name,
-                url=self._url,
-                token=self._token,
-                server_config=self._server_config,
-                flush_timeout=self._flush_timeout,
-                who="TrainstreamLogger",
-            )
-            self._run_name = self._target.name
-        return self._target
+        return self._trainstream.open()
 
     def log_hyperparams(
         self, params: Mapping[str, Any] | Namespace, *args: Any, **kwargs: Any
@@ -146,23 +130,18 @@ class _Publishing:
             run.log(clean, step)
 
     def save(self) -> None:
-        if self._target is not None:
-            self._target.flush()
+        self._trainstream.flush()
 
     def finalize(self, status: str) -> None:
-        if self._target is None or self._ended:
+        if self._trainstream.target is None or self._ended:
             return
         self._ended = True
-        if status == "failed":
-            self._target.fail("Lightning: training failed")
-        else:  # "success", or "finished" when a cluster requeues the job
-            self._target.finish()
-        self._target.flush()
+        # "success", or "finished" when a cluster requeues the job, is a finish
+        self._trainstream.end("Lightning: training failed" if status == "failed" else None)
 
     def close(self) -> None:
         """Flush and close the run (releasing the embedded server)."""
-        if self._target is not None:
-            self._target.close()
+        self._trainstream.close()
 
 
 class TrainstreamLogger(_Publishing, _Logger):  # type: ignore[misc]
@@ -170,14 +149,9 @@ class TrainstreamLogger(_Publishing, _Logger):  # type: ignore[misc]
     Publish a Lightning run to trainstream.
 
     :param run: the run's name (sanitized); ``lightning-YYYYmmdd-HHMMSS`` if not given.
-    :param url: a trainstream server (``http://host:port``): publish with
-        :class:`trainstream.client.Publisher`. Without it, the process-wide
-        embedded server is used (``trainstream.get_stream_server``) and
-        released by ``close()``.
-    :param token: the remote server's bearer token.
-    :param server_config: the embedded server's config (not with ``url``).
     :param version: what ``version`` answers (Lightning shows it; not sent).
-    :param flush_timeout: remote only: how long a flush waits for the server.
+    :param url, token, server_config, flush_timeout: where the run goes, as for every
+        adapter (:func:`~trainstream.integrations._target.open_run`).
     """
 
     _rank_zero = _rank_zero_only

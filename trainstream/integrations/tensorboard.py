@@ -54,28 +54,19 @@ import threading
 from collections.abc import Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, cast
 
 from trainstream.events import MAX_RUN_LENGTH
-from trainstream.integrations._target import sanitize
+from trainstream.integrations._target import check_options, sanitize
 
 if TYPE_CHECKING:
+    from trainstream.api import RunAPI
     from trainstream.client import Publisher
+    from trainstream.run import Run
 
 __all__ = ["SummaryWriter", "sanitize"]
 
 _PARAM_TYPES = (str, int, float, bool, type(None))
-
-
-class _Sink(Protocol):
-    """What ``trainstream.Run`` and ``trainstream.client.Publisher`` both offer."""
-
-    def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None: ...
-    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None: ...
-    def text(self, message: str, level: str = "info") -> None: ...
-    def hparams(self, params: Mapping[str, object]) -> None: ...
-    def finish(self) -> None: ...
-    def fail(self, message: str) -> None: ...
 
 
 def _default_run(log_dir: str | None, comment: str) -> str:
@@ -118,10 +109,7 @@ class SummaryWriter:
         server_config: Any = None,
         flush_timeout: float | None = 30.0,
     ) -> None:
-        if url is not None and server_config is not None:
-            raise ValueError("SummaryWriter: server_config is for the embedded server, not url=")
-        if url is None and token is not None:
-            raise ValueError("SummaryWriter: token is for a remote server (url=)")
+        check_options("SummaryWriter", url, token, server_config)
         self.log_dir = log_dir
         self.run_name = sanitize(
             run if run is not None else _default_run(log_dir, comment), MAX_RUN_LENGTH
@@ -132,12 +120,12 @@ class SummaryWriter:
         self._lock = threading.Lock()
         self._steps: dict[tuple[str, str], int] = {}
         self._names: dict[str, str] = {}
-        self._children: dict[str, _Sink] = {}
+        self._children: dict[str, RunAPI] = {}
         self._publishers: list[Publisher] = []
         self._closed = False
         self._server: Any = None
         if url is None:
-            from trainstream.manager import get_stream_server
+            from trainstream.embedded import get_stream_server
 
             self._server = get_stream_server(server_config)
         try:
@@ -234,7 +222,8 @@ class SummaryWriter:
         if self._closed:
             return
         if self._server is not None:
-            self._server.flush()
+            # An embedded run's flush stores what every run queued so far.
+            cast("Run", self._main).flush()
             return
         for publisher in list(self._publishers):
             publisher.flush(self._flush_timeout)
@@ -274,13 +263,13 @@ class SummaryWriter:
 
     def _release(self) -> None:
         if self._server is not None:
-            from trainstream.manager import release_stream_server
+            from trainstream.embedded import release_stream_server
 
             self._server = None
             release_stream_server()
 
-    def _open(self, run: str) -> _Sink:
-        sink: _Sink
+    def _open(self, run: str) -> RunAPI:
+        sink: RunAPI
         if self._server is not None:
             sink = self._server.run(run)
         else:
@@ -293,7 +282,7 @@ class SummaryWriter:
         sink.status("running")
         return sink
 
-    def _child(self, run: str) -> _Sink:
+    def _child(self, run: str) -> RunAPI:
         sink = self._children.get(run)
         if sink is None:
             with self._lock:

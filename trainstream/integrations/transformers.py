@@ -29,11 +29,10 @@ from typing import Any
 from transformers import TrainerCallback  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
 from trainstream.integrations._target import (
+    LazyRun,
     Target,
-    check_options,
     default_run_name,
     metrics_of,
-    open_run,
     params_of,
 )
 
@@ -45,13 +44,8 @@ class TrainstreamCallback(TrainerCallback):  # type: ignore[misc]
     Publish a ``transformers.Trainer`` run to trainstream.
 
     :param run: the run's name; else ``args.run_name``; else a dated default.
-    :param url: a trainstream server (``http://host:port``): publish with
-        :class:`trainstream.client.Publisher`. Without it, the process-wide
-        embedded server is used (``trainstream.get_stream_server``) and
-        released by ``close()``.
-    :param token: the remote server's bearer token.
-    :param server_config: the embedded server's config (not with ``url``).
-    :param flush_timeout: remote only: how long a flush waits for the server.
+    :param url, token, server_config, flush_timeout: where the run goes, as for every
+        adapter (:func:`~trainstream.integrations._target.open_run`).
     """
 
     def __init__(
@@ -63,31 +57,19 @@ class TrainstreamCallback(TrainerCallback):  # type: ignore[misc]
         server_config: Any = None,
         flush_timeout: float | None = 30.0,
     ) -> None:
-        check_options("TrainstreamCallback", url, token, server_config)
-        self._run_name = run
-        self._url = url
-        self._token = token
-        self._server_config = server_config
-        self._flush_timeout = flush_timeout
-        #: The run (:class:`~trainstream.integrations._target.Target`), once training began.
-        self.run: Target | None = None
+        self._trainstream = LazyRun(
+            "TrainstreamCallback", run, None, url, token, server_config, flush_timeout
+        )
+
+    @property
+    def run(self) -> Target | None:
+        """The run (:class:`~trainstream.integrations._target.Target`), once training began."""
+        return self._trainstream.target
 
     def _open(self, args: Any) -> Target:
-        if self.run is None:
-            name = (
-                self._run_name
-                or getattr(args, "run_name", None)
-                or default_run_name("transformers")
-            )
-            self.run = open_run(
-                str(name),
-                url=self._url,
-                token=self._token,
-                server_config=self._server_config,
-                flush_timeout=self._flush_timeout,
-                who="TrainstreamCallback",
-            )
-        return self.run
+        return self._trainstream.open(
+            getattr(args, "run_name", None) or default_run_name("transformers")
+        )
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
@@ -111,12 +93,9 @@ class TrainstreamCallback(TrainerCallback):  # type: ignore[misc]
         self._open(args).status("running", epoch=round(state.epoch or 0))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or self.run is None:
-            return
-        self.run.finish()
-        self.run.flush()
+        if state.is_world_process_zero:
+            self._trainstream.end()
 
     def close(self) -> None:
         """Flush and close the run (releasing the embedded server)."""
-        if self.run is not None:
-            self.run.close()
+        self._trainstream.close()

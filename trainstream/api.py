@@ -1,0 +1,93 @@
+"""
+The Run API (``PROTOCOL.md`` section 7), defined once.
+
+:class:`RunAPI` is what training code calls, whoever takes the events: the
+embedded ``trainstream.Run`` (a queue the reactor drains),
+``trainstream.client.Publisher`` (a queue a thread POSTs) and the
+integrations' ``Target`` (either of them, with a flush and close that behave
+the same). Each checks what it is given in the caller's thread, with the
+rules of ``POST /api/events`` (``trainstream.events``), and then only queues:
+nothing here waits on the network or the reactor.
+
+A subclass implements :meth:`RunAPI._enqueue`. It may override :meth:`RunAPI.log`
+with a faster path for the common call, as ``Run`` does, provided that every
+call its shortcut does not take goes through ``metric_events``: the rules
+live there, once.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from trainstream.events import metric_events, validate_event
+
+__all__ = ["Event", "RunAPI"]
+
+Event = dict[str, object]
+
+
+class RunAPI(abc.ABC):
+    """
+    One training run as its training code sees it. Every method may be
+    called from any thread and returns without waiting for the server.
+
+    :param name: the run's name, checked here (a bad one fails at once).
+    :ivar name: the run's name.
+    """
+
+    def __init__(self, name: str) -> None:
+        validate_event({"type": "log", "run": name, "level": "info", "message": ""})
+        self.name = name
+        #: Metric names already checked: ``metric_events`` skips their check.
+        self._checked_names: set[str] = set()
+
+    @abc.abstractmethod
+    def _enqueue(self, events: list[Event]) -> None:
+        """
+        Queue ``events``, which passed ``validate_event`` or ``metric_events``,
+        in order, from any thread, without waiting.
+        """
+
+    def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
+        """
+        Queue one metric event per ``{name: value}`` at ``step``.
+
+        :param time_s: the events' time (Unix seconds); now if not given.
+        :raises EventError: at once, naming the run, the metric and the
+            field, for a bad name, step, value or time (the rules of
+            ``POST /api/events``); nothing of this call is queued then.
+        """
+        t = time.time() if time_s is None else time_s
+        self._enqueue(metric_events(self.name, metrics, step, t, self._checked_names))
+
+    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
+        """Queue a status event (``running``, ``paused``, ...)."""
+        event: Event = {"type": "status", "run": self.name, "state": state}
+        if epoch is not None:
+            event["epoch"] = epoch
+        if message is not None:
+            event["message"] = message
+        self._enqueue([validate_event(event)])
+
+    def text(self, message: str, level: str = "info") -> None:
+        """Queue a log line (``level``: ``debug``, ``info``, ``warning``, ``error``)."""
+        self._enqueue(
+            [validate_event({"type": "log", "run": self.name, "level": level, "message": message})]
+        )
+
+    def hparams(self, params: Mapping[str, object]) -> None:
+        """Queue the run's hyperparameters (names to strings, numbers, bools or ``None``)."""
+        self._enqueue(
+            [validate_event({"type": "hparams", "run": self.name, "params": dict(params)})]
+        )
+
+    def finish(self) -> None:
+        """The run ended well: a ``finished`` status."""
+        self.status("finished")
+
+    def fail(self, message: str) -> None:
+        """The run ended badly: a ``failed`` status saying why."""
+        self.status("failed", message=message)

@@ -1,0 +1,365 @@
+"""
+Publishing to a trainstream server in another process (``twistd trainstream``
+or another machine): the Run API of the embedded server
+(:class:`trainstream.api.RunAPI`).
+
+``log()`` only appends to a bounded queue; the publisher's own thread (a
+:class:`~trainstream.client.clock.ThreadClock`) sends batches with
+``POST /api/events`` over one keep-alive connection, retrying with the
+backoff policy of every client while the server is unreachable. When the
+queue is full the oldest events are dropped and counted, so the training
+loop never blocks and never grows without bound. No reactor is involved:
+this module imports no Twisted, so a training script pays nothing for it.
+
+Its time and its transport are parameters: a test gives a
+``twisted.internet.task.Clock`` and a fake transport, and drives every
+retry with ``clock.advance()``, with no thread and no socket.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from trainstream.api import Event, RunAPI
+from trainstream.client.backoff import Backoff
+from trainstream.client.clock import DelayedCall, Scheduler, ThreadClock
+from trainstream.client.http import UNREACHABLE, KeepAlive, decode, headers, parse_endpoint
+from trainstream.events import encode_json, metric_events
+
+__all__ = ["Publisher", "Transport"]
+
+_logger = logging.getLogger(__name__)
+
+#: The first retry's delay (seconds); it doubles per failure up to ``max_backoff``.
+RETRY_INITIAL = 0.25
+
+
+class Transport(Protocol):
+    """How batches reach the server (:class:`~trainstream.client.http.KeepAlive`)."""
+
+    def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """``(status, answer)``; raises ``OSError`` or ``HTTPException`` when unreachable."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Publisher(RunAPI):
+    """
+    A run published to a remote server. Every method may be called from any
+    thread; none waits for the network except ``flush`` and ``close``.
+
+    :param url: the server, e.g. ``http://127.0.0.1:8890`` (any listener).
+    :param run: the run's name.
+    :param token: the server's bearer token, if it has one.
+    :param max_queue: events kept while the server is unreachable; past it
+        the oldest are dropped (``dropped`` counts them).
+    :param linger: seconds to let events gather before a POST (``flush``
+        does not wait for it).
+    :param report_every: seconds between the publisher's own metrics
+        (``trainstream/log_us``, ``trainstream/queue_depth``,
+        ``trainstream/dropped``), or 0 for none.
+    :param clock: where the sending runs (``seconds`` and ``callLater`` of
+        ``IReactorTime``): a thread of its own by default; in tests a
+        ``twisted.internet.task.Clock`` (``flush`` then only waits).
+    :param transport: how batches are POSTed (:class:`Transport`): one
+        keep-alive ``http.client`` connection by default.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        run: str,
+        token: str | None = None,
+        hparams: Mapping[str, object] | None = None,
+        max_queue: int = 100_000,
+        batch_size: int = 5_000,
+        timeout: float = 10.0,
+        max_backoff: float = 10.0,
+        report_every: float = 10.0,
+        flush_at_exit: float = 5.0,
+        linger: float = 0.25,
+        *,
+        clock: Scheduler | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.endpoint = parse_endpoint(url)
+        super().__init__(run)
+        self.token = token
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self.report_every = report_every
+        self.linger = linger
+        self.backoff = Backoff(RETRY_INITIAL, max_backoff)
+        #: events dropped because the queue was full (server unreachable)
+        self.dropped = 0
+        #: events the server refused for good (should not happen: log()
+        #: checks them); the others of their batch are sent all the same
+        self.rejected = 0
+        #: the latest refused events with the server's reason (at most 100)
+        self.rejected_events: deque[tuple[Event, str]] = deque(maxlen=100)
+        #: events the server acknowledged (stored)
+        self.sent = 0
+        self.last_error: str | None = None
+        self._pending: deque[Event] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._sending = False
+        # log()'s shortcut: a send is scheduled or under way (it schedules the
+        # next), and a full batch could not make it sooner (``_soonest``)
+        self._busy = False
+        self._soonest = False
+        self._flushing = 0
+        self._closing = False
+        self._stopped = False
+        self._retry_at: float | None = None
+        self._pump_call: DelayedCall | None = None
+        self._pump_at = 0.0
+        self._log_ns = 0
+        self._log_calls = 0
+        self._own_clock: ThreadClock | None = None
+        if clock is None:
+            clock = self._own_clock = ThreadClock(f"trainstream-publisher-{run}")
+        self._clock = clock
+        self._transport = KeepAlive(self.endpoint, timeout) if transport is None else transport
+        self._report_call: DelayedCall | None = None
+        if report_every:
+            self._report_call = self._clock.callLater(report_every, self._report)
+        if flush_at_exit:
+            atexit.register(self._at_exit, flush_at_exit)
+        self.status("created")
+        if hparams:
+            self.hparams(hparams)
+
+    @property
+    def run(self) -> str:
+        """The run's name."""
+        return self.name
+
+    # The Run API
+
+    def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
+        """Queue one metric event per ``{name: value}``; raises ``EventError`` at once if bad."""
+        started = time.perf_counter_ns()
+        t = time.time() if time_s is None else time_s
+        self._enqueue(metric_events(self.name, metrics, step, t, self._checked_names))
+        self._log_ns += time.perf_counter_ns() - started
+        self._log_calls += 1
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is stored; ``False`` on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake:
+            self._flushing += 1
+            try:
+                self._schedule(at_once=True)
+                while self._pending or self._in_flight:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._wake.wait(remaining if remaining is not None else 1.0)
+            finally:
+                self._flushing -= 1
+        return True
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Flush (bounded), make a last attempt with what is left, stop sending."""
+        flushed = self.flush(timeout)
+        with self._wake:
+            self._closing = True
+            if self._report_call is not None and self._report_call.active():
+                self._report_call.cancel()
+            self._schedule(at_once=True)
+        if self._own_clock is None:
+            self._stopped = True
+            self._transport.close()
+        elif self._own_clock.stop(timeout):
+            self._stopped = True
+            self._transport.close()
+        return flushed
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # Queueing
+
+    def _enqueue(self, events: list[Event]) -> None:
+        queue = self._pending
+        with self._lock:
+            overflow = len(queue) + len(events) - self.max_queue
+            if overflow > 0:
+                for _ in range(min(overflow, len(queue))):
+                    queue.popleft()
+                self.dropped += overflow
+                events = events[-self.max_queue :]
+            queue.extend(events)
+            if not self._busy or (len(queue) >= self.batch_size and not self._soonest):
+                self._schedule()
+
+    def _schedule(self, at_once: bool = False) -> None:
+        """
+        (With the lock.) Have the queue sent when it is due: at once for a
+        flush, a close or a full batch, else after ``linger``; after a
+        failure not before the backoff's delay, unless ``at_once``. While a
+        batch is being sent, its end schedules the next.
+        """
+        if self._sending or self._stopped or not self._pending:
+            return
+        urgent = (
+            at_once or self._flushing > 0 or self._closing or len(self._pending) >= self.batch_size
+        )
+        pending = self._pump_call is not None and self._pump_call.active()
+        if pending and not urgent:
+            return
+        now = self._clock.seconds()
+        if self._retry_at is not None and not at_once:
+            when = max(now, self._retry_at)
+        else:
+            when = now if urgent else now + self.linger
+        if pending:
+            if self._pump_at <= when:
+                return
+            self._pump_call.cancel()  # type: ignore[union-attr]
+        self._pump_at = when
+        self._pump_call = self._clock.callLater(when - now, self._pump)
+        self._busy = True
+        self._soonest = urgent or self._retry_at is not None
+
+    # Sending (in the clock's thread)
+
+    def _pump(self) -> None:
+        """Send one batch; keep it, and retry later, if the server is unreachable."""
+        with self._lock:
+            self._pump_call = None
+            queue = self._pending
+            if not queue:
+                self._busy = False
+                return
+            batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
+            self._in_flight = len(batch)
+            self._sending = self._soonest = True
+        try:
+            unsent = self._send(batch)
+        except Exception as e:  # a bug, not the network: drop the batch rather than stall
+            _logger.exception("trainstream publisher %s: sending failed", self.name)
+            self._reject(batch, f"not sent: {e!r}")
+            unsent = []
+        with self._wake:
+            self._sending = False
+            if unsent:  # keep them, oldest first, within the bound
+                room = self.max_queue - len(queue)
+                keep = unsent[-room:] if room > 0 else []
+                self.dropped += len(unsent) - len(keep)
+                queue.extendleft(reversed(keep))
+                self._retry_at = self._clock.seconds() + self.backoff.next()
+            else:
+                self.backoff.reset()
+                self._retry_at = None
+            self._in_flight = 0
+            self._busy = False
+            self._wake.notify_all()
+            if not (unsent and self._closing):  # closing: that was the last attempt
+                self._schedule()
+
+    def _report(self) -> None:
+        """Queue the publisher's own metrics, and schedule the next report."""
+        self._enqueue(self._own_metrics())
+        with self._lock:
+            if not self._closing:
+                self._report_call = self._clock.callLater(self.report_every, self._report)
+
+    def _own_metrics(self) -> list[Event]:
+        calls, ns = self._log_calls, self._log_ns
+        self._log_calls = self._log_ns = 0
+        now = time.time()
+        values = {
+            "trainstream/log_us": ns / calls / 1000 if calls else 0.0,
+            "trainstream/queue_depth": len(self._pending),
+            "trainstream/dropped": self.dropped,
+        }
+        return [
+            {
+                "type": "metric",
+                "run": self.name,
+                "time": now,
+                "name": name,
+                "step": int(now),
+                "value": value,
+            }
+            for name, value in values.items()
+        ]
+
+    def _send(self, batch: list[Event]) -> list[Event]:
+        """
+        POST one batch; return what is still to send later (empty once all
+        of it is stored or refused for good).
+
+        The server takes a batch all or nothing, so an event it refuses
+        (400, naming its index) is taken out, reported and counted in
+        ``rejected``, and the rest is sent again; a batch too large (413) is
+        sent in halves.
+        """
+        while batch:
+            status, answer = self._post(batch)
+            if status is None:
+                return batch  # unreachable: retry later
+            if status == 200:
+                self.sent += len(batch)
+                self.last_error = None
+                return []
+            body = decode(answer)
+            if isinstance(body, dict) and "error" in body:
+                message = str(body["error"])
+            else:
+                message = answer[:200].decode("utf-8", "replace")
+            self.last_error = f"server answered {status}: {message}"
+            if status == 413 and len(batch) > 1:
+                half = len(batch) // 2
+                rest = self._send(batch[:half])
+                if rest:
+                    return rest + batch[half:]
+                batch = batch[half:]
+                continue
+            if status not in (400, 413):
+                self._transport.close()
+                return batch  # 401 (token), 5xx: retry later
+            index = body.get("index") if isinstance(body, dict) else None
+            if type(index) is not int or not 0 <= index < len(batch) or len(batch) == 1:
+                self._reject(batch, message)  # will never be accepted: do not retry
+                return []
+            self._reject([batch[index]], message)
+            batch = batch[:index] + batch[index + 1 :]
+        return []
+
+    def _post(self, batch: list[Event]) -> tuple[int | None, bytes]:
+        """``(status, body)`` of one POST, ``(None, b"")`` when the server is unreachable."""
+        body = encode_json(batch).encode()
+        try:
+            return self._transport.post(
+                "/api/events", body, headers(self.token, **{"Content-Type": "application/json"})
+            )
+        except UNREACHABLE as e:
+            self.last_error = f"{self.endpoint.host}:{self.endpoint.port} unreachable: {e}"
+            return None, b""
+
+    def _reject(self, events: list[Event], message: str) -> None:
+        """The server refused ``events`` for good: count them, say which and why."""
+        self.rejected += len(events)
+        self.rejected_events.extend((event, message) for event in events)
+        shown = encode_json(events[0])[:200] if len(events) == 1 else f"{len(events)} events"
+        _logger.warning(
+            "trainstream publisher %s: server refused %s: %s", self.name, shown, message
+        )
+
+    def _at_exit(self, timeout: float) -> None:
+        if not self._closing:
+            self.close(timeout)
