@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     import crochet
 
     import trainstream
-    from trainstream.manager import get_stream_server, release_stream_server
+    from trainstream.embedded import get_stream_server, release_stream_server
 
     print("log_cost: run.log() on the training thread")
     for line in [*machine_lines(), *source_lines(trainstream.__file__)]:

@@ -35,7 +35,7 @@ POLL_S = 0.002
 RUN_DEADLINE_S = 20.0  # one start, from Popen to health
 STOP_DEADLINE_S = 10.0  # SIGTERM to exit
 LISTENERS = ("--sse", "--ws", "--rest")
-IMPORTS = "import trainstream.tap, trainstream.service"
+IMPORTS = "import trainstream.tap, trainstream.server"
 
 # Loopback only, whatever proxy the environment names.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             ("python -c pass", [sys.executable, "-c", "pass"]),
             ("twistd --version", [str(twistd), "--version"]),
             (
-                "python -c 'import trainstream.tap, trainstream.service'",
+                "python -c 'import trainstream.tap, trainstream.server'",
                 [sys.executable, "-c", IMPORTS],
             ),
         ):
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print()
         print_imports(
-            "python -X importtime -c 'import trainstream.tap, trainstream.service'",
+            "python -X importtime -c 'import trainstream.tap, trainstream.server'",
             import_costs(env, scratch),
         )
         print()

@@ -18,7 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.clients import ANY_PORTS
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

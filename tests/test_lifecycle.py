@@ -36,14 +36,14 @@ from tests.clients import (
     keepalive_get,
     plain_bind,
 )
+from trainstream.embedded import StreamServerManager
 from trainstream.errors import (
     ConfigConflictError,
     PortInUseError,
     ReactorThreadError,
     TrainstreamError,
 )
-from trainstream.manager import StreamServerManager
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 
 
 def d(coro: Any) -> Deferred[Any]:
@@ -57,7 +57,7 @@ def publish_answer_of(server: StreamServer, megabytes: float) -> int:
     """
     size = min(int(megabytes * 1024 * 1024 / 10_000) - 70, 60_000)
     event = {"type": "log", "run": "r", "time": 1.0, "level": "info", "message": "x" * size}
-    _, first, _ = server.hub.publish([dict(event) for _ in range(10_000)])
+    _, first, _ = server.hub.accept([dict(event) for _ in range(10_000)])
     return first - 1
 
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.test_streaming import ServerTestCase, d
 from trainstream.hub import Hub
 from trainstream.ranks import RanksService, aggregate, aggregate_name
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 from trainstream.store import Record
 from trainstream.store.memory import MemoryStore
 from trainstream.web.rest import split_ranks_path
@@ -295,6 +295,7 @@ class RanksServiceTests(SynchronousTestCase):
         hub.accept([ranked("r", 0, 1, 1.0), ranked("r", 1, 1, 3.0), ranked("r", 1, 400, 3.0)])
         count = hub.last_id
         again = RanksService(hub)
+        again.load()  # as startService does, once the store is open
         self.assertEqual(hub.last_id, count)
         self.assertEqual(again.snapshot("r"), self.ranks.snapshot("r"))
         again.forget("r")

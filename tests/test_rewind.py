@@ -25,9 +25,9 @@ def points(run: str, name: str, steps: range) -> list[dict[str, object]]:
 class SegmentTests(SynchronousTestCase):
     def test_rewind_starts_a_segment_announced_once(self) -> None:
         hub = Hub(MemoryStore())
-        hub.publish(points("r", "loss", range(10)) + points("r", "acc", range(10)))
+        hub.accept(points("r", "loss", range(10)) + points("r", "acc", range(10)))
         before = hub.last_id
-        hub.publish(points("r", "loss", range(5, 8)) + points("r", "acc", range(5, 8)))
+        hub.accept(points("r", "loss", range(5, 8)) + points("r", "acc", range(5, 8)))
         statuses = [r.event for r in hub.store.after(before, lambda r: r.type == "status")]
         self.assertEqual(len(statuses), 1)
         self.assertEqual((statuses[0]["rewind_to"], statuses[0]["run"]), (5, "r"))
@@ -37,7 +37,7 @@ class SegmentTests(SynchronousTestCase):
         self.assertEqual([p[0] for p in current], [5, 6, 7])
         self.assertEqual(len(hub.store.series("r", "loss")), 13)
         # Another run is not affected; a second rewind is announced again.
-        hub.publish(points("other", "loss", range(3)) + points("r", "loss", range(2, 3)))
+        hub.accept(points("other", "loss", range(3)) + points("r", "loss", range(2, 3)))
         statuses = [r.event for r in hub.store.after(before, lambda r: r.type == "status")]
         self.assertEqual([s["rewind_to"] for s in statuses], [5, 2])
 
@@ -53,10 +53,10 @@ class SegmentTests(SynchronousTestCase):
         hub = Hub(MemoryStore())
         runs = RunsService(hub, reactor, 120.0)
         finished = {"type": "status", "run": "r", "state": "finished", "time": 1.0}
-        hub.publish([*points("r", "loss", range(10)), finished])
+        hub.accept([*points("r", "loss", range(10)), finished])
         self.assertEqual(runs.get("r").state, "finished")
         before = hub.last_id
-        accepted, first, last = hub.publish([*points("r", "loss", range(3)), finished])
+        accepted, first, last = hub.accept([*points("r", "loss", range(3)), finished])
         self.assertEqual(runs.get("r").state, "finished")
         after = hub.store.after(before, lambda r: True)
         self.assertEqual(
@@ -74,7 +74,7 @@ class SegmentTests(SynchronousTestCase):
 
     def test_equal_steps_are_not_a_rewind(self) -> None:
         hub = Hub(MemoryStore())
-        hub.publish(points("r", "loss", range(3)) + points("r", "loss", range(2, 3)))
+        hub.accept(points("r", "loss", range(3)) + points("r", "loss", range(2, 3)))
         self.assertEqual(hub.segments.current("r", "loss"), 0)
 
 
@@ -84,16 +84,18 @@ class PersistedSegmentTests(TestCase):
 
         async def go() -> None:
             store = SQLiteStore(path, reactor.callFromThread)
+            store.start()
             hub = Hub(store)
-            hub.publish(points("r", "loss", range(10)))
-            hub.publish(points("r", "loss", range(3)))
+            hub.accept(points("r", "loss", range(10)))
+            hub.accept(points("r", "loss", range(3)))
             await store.sync()
             store.close()
             again = SQLiteStore(path, reactor.callFromThread)
+            again.start()
             self.addCleanup(again.close)
             hub = Hub(again)
             self.assertEqual(hub.segments.current("r", "loss"), 1)
-            hub.publish(points("r", "loss", range(3, 4)))  # goes on, no new segment
+            hub.accept(points("r", "loss", range(3, 4)))  # goes on, no new segment
             self.assertEqual(hub.segments.current("r", "loss"), 1)
             self.assertEqual([p[0] for p in again.series("r", "loss", segment=1)], [0, 1, 2, 3])
 

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from trainstream.hub import Hub
 from trainstream.runs import RunsService
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer
 from trainstream.store import Record, downsample
 from trainstream.store.memory import MemoryStore
 from trainstream.web.rest import split_run_path
@@ -103,6 +103,8 @@ class StateTests(RegistryTestCase):
         self.hub.accept([metric("old", 1, "NaN"), status("old", "finished")])
         before = self.hub.last_id
         again = RunsService(self.hub, self.clock, self.stall_after)
+        self.assertIsNone(again.get("old"))  # constructing reads nothing
+        again.load()  # as startService does, once the store is open
         info = again.get("old")
         assert info is not None
         self.assertEqual(info.state, "finished")

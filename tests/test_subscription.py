@@ -12,9 +12,11 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from trainstream.hub import Filter, Hub, Subscription
+from trainstream.hub import Hub
 from trainstream.store import Record
+from trainstream.store.filter import Filter
 from trainstream.store.memory import MemoryStore
+from trainstream.subscription import Subscription
 
 
 class FakeSink:
@@ -66,13 +68,13 @@ class SubscriptionTests(SynchronousTestCase):
 
     def test_live_in_order(self) -> None:
         self.subscribe()
-        self.hub.publish([metric("r", "a", i) for i in range(5)])
+        self.hub.accept([metric("r", "a", i) for i in range(5)])
         self.assertEqual(self.sink.ids, [1, 2, 3, 4, 5])
 
     def test_paused_buffers_then_drains(self) -> None:
         sub = self.subscribe()
         sub.pause()
-        self.hub.publish([log("r", i) for i in range(3)])
+        self.hub.accept([log("r", i) for i in range(3)])
         self.assertEqual(self.sink.ids, [])
         self.assertGreater(sub.buffered_bytes, 0)
         sub.resume()
@@ -85,7 +87,7 @@ class SubscriptionTests(SynchronousTestCase):
         sub.pause()
         events = [metric("r", name, step) for step in range(50) for name in ("a", "b")]
         events.insert(10, log("r", 1))
-        self.hub.publish(events)
+        self.hub.accept(events)
         self.assertLessEqual(sub.buffered_bytes, 2000)
         sub.resume()
         delivered = [(r.type, r.name, r.event.get("step")) for r in self.sink.records]
@@ -102,9 +104,9 @@ class SubscriptionTests(SynchronousTestCase):
     def test_overflow_closes_with_resume_id(self) -> None:
         """Events that cannot be coalesced past the bound: closed, with the id to resume after."""
         sub = self.subscribe(limit_bytes=2000)
-        self.hub.publish([log("r", 0)])
+        self.hub.accept([log("r", 0)])
         sub.pause()
-        self.hub.publish([log("r", i) for i in range(1, 100)])
+        self.hub.accept([log("r", i) for i in range(1, 100)])
         self.assertEqual(len(self.sink.overflows), 1)
         reason, last_id = self.sink.overflows[0]
         self.assertEqual(last_id, 1)
@@ -113,7 +115,7 @@ class SubscriptionTests(SynchronousTestCase):
         self.assertTrue(sub.closed)
         self.assertEqual(self.hub.subscriber_count, 0)
         self.assertEqual(sub.buffered_bytes, 0)
-        self.hub.publish([log("r", 100)])
+        self.hub.accept([log("r", 100)])
         self.assertEqual(self.sink.ids, [1])
 
     def test_replay_reads_the_store_as_the_client_drains(self) -> None:
@@ -121,32 +123,32 @@ class SubscriptionTests(SynchronousTestCase):
         A replay far behind is read in pieces from the store, never buffered,
         while live events keep arriving: no gap, no duplicate.
         """
-        self.hub.publish([log("r", i) for i in range(5000)])
+        self.hub.accept([log("r", i) for i in range(5000)])
         self.sink.pause_after_write = True
         sub = self.subscribe(after=10)
         self.assertTrue(sub.replaying)
         self.assertEqual(sub.buffered_bytes, 0)
         rounds = 0
         while sub.replaying and rounds < 10_000:
-            self.hub.publish([log("live", rounds)])
+            self.hub.accept([log("live", rounds)])
             self.assertEqual(sub.buffered_bytes, 0)
             sub.resume()
             rounds += 1
         self.sink.pause_after_write = False
         sub.resume()
-        self.hub.publish([log("live", -1)])
+        self.hub.accept([log("live", -1)])
         self.assertEqual(self.sink.ids, list(range(11, self.hub.last_id + 1)))
         self.assertGreater(rounds, 3)  # it went in pieces
 
     def test_reset_when_history_is_gone(self) -> None:
         self.hub = Hub(MemoryStore(100))
-        self.hub.publish([log("r", i) for i in range(300)])
+        self.hub.accept([log("r", i) for i in range(300)])
         self.subscribe(after=5)
         self.assertEqual(self.sink.resets[0][1], 201)
         self.assertEqual(self.sink.ids, list(range(201, 301)))
 
     def test_id_from_another_history(self) -> None:
-        self.hub.publish([log("r", i) for i in range(3)])
+        self.hub.accept([log("r", i) for i in range(3)])
         self.subscribe(after=999)
         self.assertEqual(len(self.sink.resets), 1)
         self.assertIn("newer", self.sink.resets[0][0])
@@ -156,9 +158,9 @@ class SubscriptionTests(SynchronousTestCase):
         """max_rate 10: at most one frame per 0.1 s, each with all since the last."""
         clock = Clock()
         self.subscribe(clock=clock, min_interval=0.1)
-        self.hub.publish([log("r", 0)])
+        self.hub.accept([log("r", 0)])
         for i in range(1, 30):
-            self.hub.publish([log("r", i)])
+            self.hub.accept([log("r", i)])
             clock.advance(0.01)
         self.assertEqual(len(self.sink.frames), 3)  # t=0, 0.1, 0.2 (t=0.29 now)
         clock.advance(0.1)
@@ -168,10 +170,10 @@ class SubscriptionTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_filter_applies_to_live_and_replay(self) -> None:
-        self.hub.publish([log("a", 1), log("b", 2)])
+        self.hub.accept([log("a", 1), log("b", 2)])
         sub = self.hub.subscribe(self.sink, Filter(runs=("a*",)))
         sub.start(0)
-        self.hub.publish([log("b", 3), log("a", 4)])
+        self.hub.accept([log("b", 3), log("a", 4)])
         self.assertEqual([r.run for r in self.sink.records], ["a", "a"])
         self.assertFalse(sub.replaying)
 
@@ -200,7 +202,7 @@ class SubscriptionPropertyTests(SynchronousTestCase):
         later value of its series that says so.
         """
         hub = Hub(MemoryStore(100_000))
-        hub.publish([log("pre", i) for i in range(30)])
+        hub.accept([log("pre", i) for i in range(30)])
         sink = FakeSink()
         sub = hub.subscribe(sink, Filter(), limit_bytes=limit)
         sink.subscription = sub
@@ -213,7 +215,7 @@ class SubscriptionPropertyTests(SynchronousTestCase):
                     for i in range(n)
                 ]
                 step += n
-                hub.publish(events)
+                hub.accept(events)
             elif op == "pause":
                 sub.pause()
             else:

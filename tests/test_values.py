@@ -14,7 +14,7 @@ from typing import Any
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from trainstream.events import EventError, validate_event
@@ -70,8 +70,8 @@ class RunLogRulesTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.hub = Hub(MemoryStore())
         self.reactor = HeldReactor()
-        self.inbox = Inbox(self.reactor, self.hub.publish)
-        self.training = Run(server=None, name="r", inbox=self.inbox)  # type: ignore[arg-type]
+        self.inbox = Inbox(self.reactor, self.hub.accept)
+        self.training = Run("r", self.inbox, lambda: succeed(None), lambda: None)
         # Known name, plain numbers: later calls take the fast path.
         self.training.log({"loss": 1.0}, step=0)
         self.reactor.calls.pop()()
@@ -177,7 +177,7 @@ class EmbeddedSQLiteTests(TestCase):
     timeout = 60
 
     def test_large_int_and_step_refused_and_the_store_lives(self) -> Deferred[None]:
-        from trainstream.service import StreamServer
+        from trainstream.server import StreamServer
 
         path = self.mktemp() + ".sqlite3"
         server = StreamServer({"db": path, "listen": LISTEN}, reactor)
@@ -210,7 +210,7 @@ class EmbeddedSQLiteTests(TestCase):
         import os
         import signal
 
-        from trainstream.manager import StreamServerManager
+        from trainstream.embedded import StreamServerManager
         from trainstream.store.sqlite import SQLiteStore
 
         path = self.mktemp() + ".sqlite3"

@@ -14,6 +14,15 @@ from trainstream._version import __version__
 
 if TYPE_CHECKING:
     from trainstream.config import Config as Config
+    from trainstream.embedded import (
+        StreamServerManager as StreamServerManager,
+        get_stream_server as get_stream_server,
+        get_stream_server_manager as get_stream_server_manager,
+        keep_serving as keep_serving,
+        release_stream_server as release_stream_server,
+        revisit_hint as revisit_hint,
+        serve as serve,
+    )
     from trainstream.errors import (
         ConfigConflictError as ConfigConflictError,
         ConfigError as ConfigError,
@@ -23,17 +32,8 @@ if TYPE_CHECKING:
         TrainstreamError as TrainstreamError,
     )
     from trainstream.events import EventError as EventError
-    from trainstream.manager import (
-        StreamServerManager as StreamServerManager,
-        get_stream_server as get_stream_server,
-        get_stream_server_manager as get_stream_server_manager,
-        keep_serving as keep_serving,
-        release_stream_server as release_stream_server,
-        revisit_hint as revisit_hint,
-        serve as serve,
-    )
     from trainstream.run import Run as Run
-    from trainstream.service import StreamServer as StreamServer
+    from trainstream.server import StreamServer as StreamServer
 
 _EXPORTS = {
     "Config": "trainstream.config",
@@ -44,15 +44,15 @@ _EXPORTS = {
     "ReactorThreadError": "trainstream.errors",
     "TrainstreamError": "trainstream.errors",
     "EventError": "trainstream.events",
-    "StreamServerManager": "trainstream.manager",
-    "get_stream_server": "trainstream.manager",
-    "get_stream_server_manager": "trainstream.manager",
-    "keep_serving": "trainstream.manager",
-    "release_stream_server": "trainstream.manager",
-    "revisit_hint": "trainstream.manager",
-    "serve": "trainstream.manager",
+    "StreamServerManager": "trainstream.embedded",
+    "get_stream_server": "trainstream.embedded",
+    "get_stream_server_manager": "trainstream.embedded",
+    "keep_serving": "trainstream.embedded",
+    "release_stream_server": "trainstream.embedded",
+    "revisit_hint": "trainstream.embedded",
+    "serve": "trainstream.embedded",
     "Run": "trainstream.run",
-    "StreamServer": "trainstream.service",
+    "StreamServer": "trainstream.server",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,11 +1,15 @@
 """
 The server's configuration: one value type shared by twistd and the embedded API.
+
+Each field says once what it is: its type and range (checked whoever builds
+a ``Config``: a dict, keyword arguments, the command line) and its help
+text, from which ``twistd trainstream``'s options are derived (``tap.py``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -16,6 +20,8 @@ from trainstream.errors import ConfigError
 DEFAULT_SSE = "tcp:8888:interface=127.0.0.1"
 DEFAULT_WS = "tcp:8889:interface=127.0.0.1"
 DEFAULT_REST = "tcp:8890:interface=127.0.0.1"
+#: Bytes of events that may wait for one slow client (``--client-buffer``).
+DEFAULT_CLIENT_BUFFER = 1 << 20
 
 
 def default_db_path() -> str:
@@ -25,64 +31,135 @@ def default_db_path() -> str:
     return os.path.join(user_data_dir("trainstream", appauthor=False), "history.sqlite3")
 
 
+# Checks, each naming the key and the value it refuses.
+
+Check = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _string(optional: bool) -> Check:
+    def check(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str):
+            raise ConfigError(f"config {a.name!r} must be a string, not {value!r}")
+
+    return check
+
+
+def _flag(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config {a.name!r} must be true or false, not {value!r}")
+
+
+def _positive(kind: type, optional: bool = False) -> Check:
+    def check(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        ok = not isinstance(value, bool) and (
+            isinstance(value, int) if kind is int else isinstance(value, int | float)
+        )
+        if not ok or value <= 0:
+            what = "a positive integer" if kind is int else "a positive number"
+            raise ConfigError(f"config {a.name!r} must be {what}, not {value!r}")
+
+    return check
+
+
+def _origins(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"config 'allow_origin' must be a list of strings, not {value!r}")
+
+
+def _as_origins(value: Any) -> Any:
+    """One origin or a list of them, as a tuple (anything else is refused by ``_origins``)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _option(
+    default: Any, check: Check, help: str, cli: str | None = "param", kind: type = str
+) -> Any:
+    """A field: its default, its check, and how twistd offers it (``cli``: param, flag, None)."""
+    return attrs.field(
+        default=default, validator=check, metadata={"help": help, "cli": cli, "kind": kind}
+    )
+
+
 @frozen
 class Config:
     """
     Everything a server is started with. Field names are the long options of
-    ``twistd trainstream`` with ``_`` for ``-``.
-
-    :param sse: endpoint string of the listener whose role is SSE.
-    :param ws: endpoint string of the listener whose role is WebSocket.
-    :param rest: endpoint string of the listener whose role is REST + dashboard.
-    :param listen: single-port mode: one endpoint that replaces the three.
-    :param db: SQLite history file; ``None`` means the default path.
-    :param memory: keep history in RAM only.
-    :param token: bearer token every call but ``/api/health`` must carry.
-    :param token_file: a file holding the token.
-    :param ports_file: where to write ``server.urls`` once every port is bound.
-    :param demo: also publish a synthetic training run.
-    :param allow_origin: extra ``Origin`` values accepted for WebSocket upgrades.
-    :param keepalive: seconds between SSE keepalive comments.
-    :param retry_ms: the ``retry:`` an SSE client is told.
-    :param close_timeout: seconds a client gets to answer a close handshake
-        before its connection is reset.
-    :param max_history: events the in-memory history keeps.
-    :param client_buffer: bytes of events that may wait for one slow client
-        before its metrics are coalesced, and past that it is disconnected.
-    :param retain_days: SQLite: drop events older than this many days.
-    :param max_db_mb: SQLite: drop the oldest events while the file holds more.
-    :param stall_after: seconds without an event after which a running run is
-        marked ``stalled``.
-    :param access_log: log every request; by default a successful publish
-        (``POST /api/events`` answered 2xx) is not logged, every other one is.
+    ``twistd trainstream`` with ``_`` for ``-``; each field's help says what it
+    is (``twistd trainstream --help`` shows the same text).
     """
 
-    sse: str = DEFAULT_SSE
-    ws: str = DEFAULT_WS
-    rest: str = DEFAULT_REST
-    listen: str | None = None
-    db: str | None = None
-    memory: bool = False
-    token: str | None = None
-    token_file: str | None = None
-    ports_file: str | None = None
-    demo: bool = False
-    allow_origin: tuple[str, ...] = ()
-    keepalive: float = 15.0
-    retry_ms: int = 3000
-    close_timeout: float = 2.0
-    max_history: int = 100_000
-    stall_after: float = 120.0
-    client_buffer: int = 1 << 20
-    retain_days: float | None = None
-    max_db_mb: float | None = None
-    access_log: bool = False
+    sse: str = _option(DEFAULT_SSE, _string(False), "Listener whose role is SSE.")
+    ws: str = _option(DEFAULT_WS, _string(False), "Listener whose role is WebSocket.")
+    rest: str = _option(DEFAULT_REST, _string(False), "Listener whose role is REST + dashboard.")
+    listen: str | None = _option(
+        None, _string(True), "Single-port mode: one listener serves everything."
+    )
+    db: str | None = _option(
+        None, _string(True), "SQLite history file (default: in the user's data dir)."
+    )
+    memory: bool = _option(False, _flag, "Keep history in RAM only.", "flag")
+    token: str | None = _option(None, _string(True), "Require this bearer token.")
+    token_file: str | None = _option(None, _string(True), "Read the bearer token from this file.")
+    ports_file: str | None = _option(
+        None, _string(True), "Write the bound URLs as JSON here once listening."
+    )
+    demo: bool = _option(False, _flag, "Also publish a synthetic training run.", "flag")
+    allow_origin: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_as_origins,
+        validator=_origins,
+        metadata={"help": "Also accept WebSocket upgrades from this Origin.", "cli": None},
+    )
+    keepalive: float = _option(
+        15.0, _positive(float), "Seconds between SSE keepalive comments.", kind=float
+    )
+    retry_ms: int = _option(3000, _positive(int), "The retry: an SSE client is told.", None, int)
+    close_timeout: float = _option(
+        2.0, _positive(float), "Seconds a client gets to answer a close handshake.", kind=float
+    )
+    max_history: int = _option(
+        100_000, _positive(int), "Events the in-memory history keeps.", None, int
+    )
+    stall_after: float = _option(
+        120.0, _positive(float), "Seconds without events before a run is stalled.", kind=float
+    )
+    client_buffer: int = _option(
+        DEFAULT_CLIENT_BUFFER,
+        _positive(int),
+        "Bytes of events that may wait for one slow client (then coalesced, then closed).",
+        kind=int,
+    )
+    retain_days: float | None = _option(
+        None, _positive(float, True), "SQLite: drop events older than this many days.", kind=float
+    )
+    max_db_mb: float | None = _option(
+        None,
+        _positive(float, True),
+        "SQLite: drop the oldest events past this file size.",
+        kind=float,
+    )
+    access_log: bool = _option(
+        False, _flag, "Log every request (default: not successful publishes).", "flag"
+    )
+
+    def __attrs_post_init__(self) -> None:
+        # Whole numbers given for float fields are floats from here on.
+        for f in attrs.fields(Config):
+            value = getattr(self, f.name)
+            if f.metadata.get("kind") is float and isinstance(value, int):
+                object.__setattr__(self, f.name, float(value))
 
     @classmethod
     def from_value(cls, value: Config | Mapping[str, Any] | None) -> Config:
         """
-        Accept a ``Config``, a plain dict of option names, or ``None`` for the
-        defaults; refuse unknown keys and wrong types, naming them.
+        Accept a ``Config``, a plain dict of option names (``-`` or ``_``), or
+        ``None`` for the defaults; refuse unknown keys and wrong values, naming them.
         """
         if value is None:
             return cls()
@@ -100,7 +177,7 @@ class Config:
                 raise ConfigError(
                     f"unknown config key {raw_key!r}; known keys: {', '.join(sorted(fields))}"
                 )
-            kwargs[key] = _coerce(key, item)
+            kwargs[key] = os.fspath(item) if isinstance(item, os.PathLike) else item
         return cls(**kwargs)
 
     def differences(self, other: Config) -> list[str]:
@@ -135,46 +212,6 @@ class Config:
         return token
 
 
-_STR_OR_NONE = {"listen", "db", "token", "token_file", "ports_file"}
-_STR = {"sse", "ws", "rest"}
-_BOOL = {"memory", "demo", "access_log"}
-_FLOAT = {"keepalive", "close_timeout", "stall_after"}
-_FLOAT_OR_NONE = {"retain_days", "max_db_mb"}
-_INT = {"retry_ms", "max_history", "client_buffer"}
-
-
-def _coerce(key: str, value: object) -> Any:
-    """Check one config value's type, naming the key when it is wrong."""
-    if key in _STR or key in _STR_OR_NONE:
-        if value is None and key in _STR_OR_NONE:
-            return None
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"config {key!r} must be a string, not {value!r}")
-        return value
-    if key in _BOOL:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config {key!r} must be true or false, not {value!r}")
-        return value
-    if key in _FLOAT_OR_NONE:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"config {key!r} must be a positive number, not {value!r}")
-        return float(value)
-    if key in _FLOAT:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"config {key!r} must be a positive number, not {value!r}")
-        return float(value)
-    if key in _INT:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"config {key!r} must be a positive integer, not {value!r}")
-        return value
-    if key == "allow_origin":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"config 'allow_origin' must be a list of strings, not {value!r}")
-        return tuple(value)
-    raise ConfigError(f"unknown config key {key!r}")  # pragma: no cover - fields_dict guards
+def cli_fields() -> list[attrs.Attribute[Any]]:
+    """The fields twistd offers as options, in order."""
+    return [f for f in attrs.fields(Config) if f.metadata.get("cli")]

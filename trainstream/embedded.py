@@ -23,7 +23,7 @@ from twisted.python import threadable
 
 from trainstream.config import Config
 from trainstream.errors import ConfigConflictError, ReactorThreadError, TrainstreamError
-from trainstream.service import StreamServer
+from trainstream.server import StreamServer, makeService
 
 T = TypeVar("T")
 
@@ -122,6 +122,7 @@ class StreamServerManager:
         Under twistd: make the server twistd runs the process-wide one, held
         once by twistd itself, so embedded code in that process shares it.
         """
+        server.blocking = call_blocking
         self._server = server
         self._refcount = 1
 
@@ -139,12 +140,9 @@ class StreamServerManager:
                 await server.start()
             self._refcount += 1
             return server
-        server = StreamServer(config, self._reactor)
-        try:
-            await server.start()
-        except BaseException:
-            server.close()
-            raise
+        server = makeService(config, self._reactor)
+        server.blocking = call_blocking
+        await server.start()  # a failed start leaves nothing open: ports, history file
         self._server = server
         self._refcount = 1
         self._hook_shutdown()

@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from typing import cast
 
 from attrs import Factory, define
+from twisted.application.service import Service
 
 from trainstream.events import MAX_NAME_LENGTH
 from trainstream.hub import Hub
@@ -117,7 +118,7 @@ class RankedSeries:
         }
 
 
-class RanksService:
+class RanksService(Service):
     """
     The ranks of every distributed run of one server: watches every
     published batch (``Hub.observers``) and publishes aggregates and
@@ -144,9 +145,22 @@ class RanksService:
         #: Aggregate metric events and ``rank_behind`` alerts published.
         self.aggregates_total = 0
         self.behind_alerts_total = 0
-        if getattr(hub.store, "registry", None) is None:
-            self._apply_all(hub.store.after(0, _ranked), None)
+        self._loaded = False
         hub.observers.append(self.observe)
+
+    def load(self) -> None:
+        """Know the ranks a memory history already holds (once, at start)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        if getattr(self.hub.store, "registry", None) is None:
+            self._apply_all(self.hub.store.after(0, _ranked), None)
+
+    # Service
+
+    def startService(self) -> None:
+        self.load()
+        super().startService()  # type: ignore[no-untyped-call]
 
     # Queries
 
@@ -180,12 +194,11 @@ class RanksService:
 
     # Changes
 
-    def observe(self, records: Sequence[Record]) -> None:
-        """Update from a published batch; publish aggregates and alerts."""
+    def observe(self, records: Sequence[Record]) -> list[dict[str, object]]:
+        """Update from a published batch; return the aggregates and alerts to publish."""
         out: list[dict[str, object]] = []
         self._apply_all(records, out)
-        if out:
-            self.hub.accept(out)
+        return out
 
     def forget(self, run: str) -> None:
         """Drop what is known of ``run`` (its history was deleted)."""

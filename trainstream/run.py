@@ -12,14 +12,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from trainstream.events import metric_events, validate_event
+from trainstream.api import Event, RunAPI
+from trainstream.events import metric_events
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-
-    from trainstream.service import StreamServer
-
-Event = dict[str, object]
 
 
 class Inbox:
@@ -91,19 +88,32 @@ class Inbox:
             self._sink(batch)
 
 
-class Run:
+class Run(RunAPI):
     """
-    One training run as seen from the training code. Every method may be
-    called from any thread and returns without waiting for the server.
+    One training run of the embedded server, as the training code sees it
+    (the API of ``trainstream.api.RunAPI``). Every method may be called from
+    any thread and returns without waiting for the server.
     """
 
-    def __init__(self, server: StreamServer, name: str, inbox: Inbox) -> None:
-        self.server = server
-        self.name = name
+    def __init__(
+        self,
+        name: str,
+        inbox: Inbox,
+        flush_deferred: Callable[[], Deferred[None]],
+        blocking: Callable[[], Callable[..., Any] | None],
+    ) -> None:
+        """
+        :param flush_deferred: reactor thread: publish what is queued, fire once stored.
+        :param blocking: the embedded layer's way for another thread to wait on
+            a Deferred (``embedded.call_blocking``), or ``None`` where there is none.
+        """
+        super().__init__(name)
         self._inbox = inbox
-        self._checked_names: set[str] = set()
-        # Validate the run name now, so a bad one fails here and not later.
-        validate_event({"type": "log", "run": name, "level": "info", "message": ""})
+        self._flush_deferred = flush_deferred
+        self._blocking = blocking
+
+    def _enqueue(self, events: list[Event]) -> None:
+        self._inbox.put(events)
 
     def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
         """
@@ -143,39 +153,21 @@ class Run:
                 return
         self._inbox.put(metric_events(self.name, metrics, step, t, self._checked_names))
 
-    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
-        """Queue a status event (``running``, ``paused``, ...)."""
-        event: Event = {"type": "status", "run": self.name, "state": state}
-        if epoch is not None:
-            event["epoch"] = epoch
-        if message is not None:
-            event["message"] = message
-        self._put_checked(event)
-
-    def text(self, message: str, level: str = "info") -> None:
-        """Queue a log line."""
-        self._put_checked({"type": "log", "run": self.name, "level": level, "message": message})
-
-    def hparams(self, params: Mapping[str, object]) -> None:
-        """Queue the run's hyperparameters."""
-        self._put_checked({"type": "hparams", "run": self.name, "params": dict(params)})
-
-    def finish(self) -> None:
-        self.status("finished")
-
-    def fail(self, message: str) -> None:
-        self.status("failed", message=message)
-
     def flush(self) -> None:
-        """Return once every event queued so far is stored (blocking)."""
-        self.server.flush()
+        """Return once every event queued so far is stored (blocking; not in the reactor thread)."""
+        blocking = self._blocking()
+        if blocking is None:
+            from trainstream.errors import TrainstreamError
+
+            raise TrainstreamError(
+                "flush() blocks, which needs the embedded server (get_stream_server()); "
+                "in the reactor thread use flush_deferred()"
+            )
+        blocking("flush()", "Run.flush_deferred()", self._flush_deferred, timeout=60)
 
     def flush_deferred(self) -> Deferred[None]:
         """The Deferred form of ``flush`` for code in the reactor thread."""
-        return self.server.flush_deferred()
-
-    def _put_checked(self, event: Event) -> None:
-        self._inbox.put([validate_event(event)])
+        return self._flush_deferred()
 
 
 __all__ = ["Inbox", "Run"]

@@ -32,7 +32,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from trainstream.events import STATES
+from trainstream.events import STATES, non_finite_name
 from trainstream.hub import Hub
 from trainstream.store import Record, SeriesSummary
 
@@ -123,10 +123,6 @@ class RunInfo:
         }
 
 
-def _non_finite_text(value: float) -> str:
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
 class RunsService(Service):
     """
     The runs registry of one server. Watches every published batch
@@ -154,19 +150,29 @@ class RunsService(Service):
         #: Status ``stalled`` and ``nan`` alert events this registry published.
         self.stalls_total = 0
         self.nan_alerts_total = 0
-        # A persistent history already holds runs: know them without alerting again.
-        registry = getattr(hub.store, "registry", None)
+        self._loaded = False
+        hub.observers.append(self.observe)
+
+    def load(self) -> None:
+        """
+        Know the runs a persistent history already holds, without alerting
+        again (once, when the server starts: the store is open by then).
+        """
+        if self._loaded:
+            return
+        self._loaded = True
+        registry = getattr(self.hub.store, "registry", None)
         if registry is None:
-            self._apply_all(hub.store.after(0, lambda r: True), [])
+            self._apply_all(self.hub.store.after(0, lambda r: True), [])
         else:
             records, summaries = registry()
             self._apply_all(records, [])
             self._load_summaries(summaries)
-        hub.observers.append(self.observe)
 
     # Service
 
     def startService(self) -> None:
+        self.load()
         super().startService()  # type: ignore[no-untyped-call]
         loop = LoopingCall(self._check_logged)
         loop.clock = self.clock
@@ -199,13 +205,12 @@ class RunsService(Service):
 
     # Changes
 
-    def observe(self, records: Sequence[Record]) -> None:
-        """Update the registry from a published batch; publish NaN alerts."""
+    def observe(self, records: Sequence[Record]) -> list[dict[str, object]]:
+        """Update the registry from a published batch; return the NaN alerts to publish."""
         alerts: list[dict[str, object]] = []
         self._apply_all(records, alerts)
-        if alerts:
-            self.nan_alerts_total += len(alerts)
-            self.hub.accept(alerts)
+        self.nan_alerts_total += len(alerts)
+        return alerts
 
     def check_stalls(self) -> None:
         """Publish ``stalled`` for every watched run silent for ``stall_after`` s."""
@@ -318,7 +323,7 @@ class RunsService(Service):
                             "run": record.run,
                             "kind": "nan",
                             "name": name,
-                            "message": f"{name} is {_non_finite_text(value)} at step {step}",
+                            "message": f"{name} is {non_finite_name(value)} at step {step}",
                         }
                     )
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
-from trainstream.config import DEFAULT_REST, DEFAULT_SSE, DEFAULT_WS, Config
+from trainstream.config import Config, cli_fields
 from trainstream.errors import ConfigError
 
 
@@ -22,32 +22,22 @@ class Options(usage.Options):
         "dashboard on one reactor. Endpoints are Twisted endpoint strings "
         "(tcp:0 picks a free port)."
     )
+    # Derived from the Config fields: one definition of each option.
     optParameters = [
-        ["sse", None, DEFAULT_SSE, "Listener whose role is SSE."],
-        ["ws", None, DEFAULT_WS, "Listener whose role is WebSocket."],
-        ["rest", None, DEFAULT_REST, "Listener whose role is REST + dashboard."],
-        ["listen", None, None, "Single-port mode: one listener serves everything."],
-        ["db", None, None, "SQLite history file (default: in the user's data dir)."],
-        ["token", None, None, "Require this bearer token."],
-        ["token-file", None, None, "Read the bearer token from this file."],
-        ["ports-file", None, None, "Write the bound URLs as JSON here once listening."],
-        ["close-timeout", None, 2.0, "Seconds a client gets to answer a close handshake.", float],
-        ["keepalive", None, 15.0, "Seconds between SSE keepalive comments.", float],
-        ["stall-after", None, 120.0, "Seconds without events before a run is stalled.", float],
-        ["retain-days", None, None, "SQLite: drop events older than this many days.", float],
-        ["max-db-mb", None, None, "SQLite: drop the oldest events past this file size.", float],
         [
-            "client-buffer",
+            f.name.replace("_", "-"),
             None,
-            1 << 20,
-            "Bytes of events that may wait for one slow client (then coalesced, then closed).",
-            int,
-        ],
+            f.default,
+            f.metadata["help"],
+            None if f.metadata["kind"] is str else f.metadata["kind"],
+        ]
+        for f in cli_fields()
+        if f.metadata["cli"] == "param"
     ]
     optFlags = [
-        ["memory", None, "Keep history in RAM only."],
-        ["demo", None, "Also publish a synthetic training run."],
-        ["access-log", None, "Log every request (default: not successful publishes)."],
+        [f.name.replace("_", "-"), None, f.metadata["help"]]
+        for f in cli_fields()
+        if f.metadata["cli"] == "flag"
     ]
 
     def __init__(self) -> None:
@@ -91,60 +81,29 @@ class Options(usage.Options):
 
 
 def config_from_options(options: Any) -> Config:
-    return Config.from_value(
-        {
-            "sse": options["sse"],
-            "ws": options["ws"],
-            "rest": options["rest"],
-            "listen": options["listen"],
-            "db": options["db"],
-            "memory": bool(options["memory"]),
-            "token": options["token"],
-            "token_file": options["token-file"],
-            "ports_file": options["ports-file"],
-            "demo": bool(options["demo"]),
-            "allow_origin": list(options["allow_origin"]),
-            "close_timeout": options["close-timeout"],
-            "keepalive": options["keepalive"],
-            "stall_after": options["stall-after"],
-            "client_buffer": options["client-buffer"],
-            "retain_days": options["retain-days"],
-            "max_db_mb": options["max-db-mb"],
-            "access_log": bool(options["access-log"]),
-        }
-    )
-
-
-class TwistdService(MultiService):
-    """
-    What twistd runs. The server itself is built in ``privilegedStartService``,
-    which twistd calls after it has daemonized: the SQLite writer thread
-    must be started in the process that will use it (threads do not survive
-    the fork), and a history file held by another server is reported then.
-    """
-
-    def __init__(self, config: Config) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.config = config
-        self.server: Any = None
-
-    def privilegedStartService(self) -> None:
-        from trainstream.errors import TrainstreamError
-        from trainstream.manager import get_stream_server_manager
-        from trainstream.service import StreamServer
-
-        try:
-            self.server = StreamServer(self.config)
-        except TrainstreamError as e:
-            raise SystemExit(f"trainstream: {e}") from None
-        get_stream_server_manager().adopt(self.server)
-        self.server.setServiceParent(self)
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
+    """The ``Config`` of parsed options (every check is the Config's own)."""
+    values: dict[str, Any] = {f.name: options[f.name.replace("_", "-")] for f in cli_fields()}
+    for f in cli_fields():
+        if f.metadata["cli"] == "flag":
+            values[f.name] = bool(values[f.name])
+    values["allow_origin"] = list(options["allow_origin"])
+    return Config.from_value(values)
 
 
 def makeService(options: Options) -> IService:
-    """The server twistd runs, shared with embedded code through the manager."""
+    """
+    The server twistd runs: the same services embedded code gets
+    (``trainstream.server.makeService``), shared with embedded code in this
+    process through the manager. Nothing starts here: the store opens and
+    the ports bind when twistd starts the service, after it daemonized.
+    """
     import crochet
+    from twisted.internet import reactor
+
+    from trainstream.embedded import get_stream_server_manager
+    from trainstream.server import makeService as makeServerService
 
     crochet.no_setup()  # twistd owns the reactor: crochet must not start another
-    return TwistdService(options.config)
+    server = makeServerService(options.config, reactor)
+    get_stream_server_manager().adopt(server)
+    return server

@@ -1,0 +1,122 @@
+"""
+The server as composed services, without sockets: a memory reactor binds
+the listeners, so what is checked is the order of things, not the network.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from trainstream.errors import PortInUseError
+from trainstream.server import StreamServer, makeService
+from trainstream.store.sqlite import SQLiteStore
+
+THREE = {
+    "sse": "tcp:8888:interface=127.0.0.1",
+    "ws": "tcp:8889:interface=127.0.0.1",
+    "rest": "tcp:8890:interface=127.0.0.1",
+}
+
+
+class Reactor(MemoryReactorClock):
+    """A memory reactor whose ``callFromThread`` runs at once, and whose ports may be busy."""
+
+    def __init__(self, busy: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.busy = busy
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+def stopped_ports(reactor: Reactor) -> list[bool]:
+    return [p._stopped if hasattr(p, "_stopped") else False for p in reactor.tcpServers]
+
+
+class ComposedServiceTests(SynchronousTestCase):
+    def test_constructing_does_no_io(self) -> None:
+        """Nothing opens, binds or spawns until the service starts."""
+        directory = os.path.abspath(self.mktemp())
+        db = os.path.join(directory, "history.sqlite3")
+        reactor = Reactor()
+        server = makeService({**THREE, "db": db}, reactor)
+        self.assertFalse(os.path.exists(directory))
+        self.assertEqual(reactor.tcpServers, [])
+        self.assertEqual([s.name for s in server], ["history", "listeners", "runs", "ranks"])
+        self.successResultOf(server.start())
+        self.assertTrue(os.path.exists(db))
+        self.assertEqual([p[0] for p in reactor.tcpServers], [8888, 8889, 8890])
+        self.successResultOf(server.stop())
+
+    def test_stop_publishes_what_run_log_queued(self) -> None:
+        """Events queued by ``run.log`` and not yet published are stored by a stop."""
+        reactor = Reactor()
+        server = StreamServer({**THREE, "memory": True}, reactor)
+        self.successResultOf(server.start())
+        run = server.run("r")
+        run.log({"loss": 0.5}, step=1)
+        run.log({"loss": 0.25}, step=2)
+        before = [r.event.get("value") for r in server.store.after(0, lambda r: r.type == "metric")]
+        self.assertEqual(before, [])  # still queued: the publish is 50 ms away
+        self.successResultOf(server.stop())
+        after = [r.event["value"] for r in server.store.after(0, lambda r: r.type == "metric")]
+        self.assertEqual(after, [0.5, 0.25])
+
+    def test_failed_start_releases_everything(self) -> None:
+        """
+        A busy third port: the start fails naming it, the two ports bound
+        before it are closed, and the history file is released.
+        """
+        db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        reactor = Reactor(busy=frozenset({8890}))
+        server = StreamServer({**THREE, "db": db}, reactor)
+        failure = self.failureResultOf(server.start(), PortInUseError)
+        self.assertIn("cannot listen for rest on port 8890", str(failure.value))
+        self.assertFalse(server.listening)
+        self.assertEqual(len(reactor.tcpServers), 2)
+        # The file is free: another store opens it at once.
+        again = SQLiteStore(db, reactor.callFromThread)
+        again.start()
+        again.close()
+
+    def test_twistd_start_exits_with_the_message(self) -> None:
+        """Under twistd a failed start is a SystemExit with the message, raised at once."""
+        reactor = Reactor(busy=frozenset({8889}))
+        server = StreamServer({**THREE, "memory": True}, reactor)
+        with self.assertRaises(SystemExit) as caught:
+            server.privilegedStartService()
+        self.assertIn("trainstream: cannot listen for ws on port 8889", str(caught.exception))
+        self.assertIn("--ws tcp:0 picks a free port", str(caught.exception))
+
+
+class RestartTests(TestCase):
+    def test_restart_keeps_history_and_runs(self) -> Deferred[None]:
+        """A stopped server starts again on its history (SQLite), with its runs."""
+        db = os.path.abspath(self.mktemp()) + ".sqlite3"
+        server = StreamServer({"listen": "tcp:0:interface=127.0.0.1", "db": db}, reactor)
+        self.addCleanup(server.stop)
+
+        async def go() -> None:
+            await server.start()
+            run = server.run("r")
+            run.log({"loss": 1.0}, step=1)
+            await server.stop()
+            self.assertFalse(server.listening)
+            await server.start()
+            self.assertIsNotNone(server.runs.get("r"))
+            self.assertEqual(server.hub.last_id, 2)  # "created", then the metric
+            self.assertEqual(len(server.store.after(0, lambda r: True)), 2)
+
+        return Deferred.fromCoroutine(go())

@@ -1,0 +1,413 @@
+"""
+The listeners: one per role (or one for everything), each a Twisted service
+that binds its endpoint, tracks every connection on it, and on stop frees
+its port for real.
+
+Stopping is the heart of the original bug: a port is only free for a plain
+``bind`` (no ``SO_REUSEADDR``) once the listening socket is closed *and* no
+connection of ours is left on it, not even in TIME_WAIT. A connection whose
+close our side starts goes to TIME_WAIT for a minute, so a stop ends every
+stream politely (SSE response finished, WebSocket close 1001 answered), then
+resets the connection (``SO_LINGER`` 0) instead of sending a FIN of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import socket
+import struct
+import termios
+from typing import Any
+
+from attrs import define
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from trainstream.errors import ConfigError, ListenError, PortInUseError
+from trainstream.web.backend import ListenerStatus
+from trainstream.web.clients import Clients
+from trainstream.web.ws import StreamSession
+
+_log = Logger()
+
+_DONE = Failure(ConnectionDone())
+
+
+class TrackedConnection(ProtocolWrapper):
+    """
+    One connection on a listener: the transport the HTTP channel (and later
+    the WebSocket session) writes to.
+
+    A close never puts our FIN behind data the peer has not taken: once
+    closed, the socket of a peer that does not read stays in FIN-WAIT-1, out
+    of our reach, holding the port long after ``stop``. So a closing
+    connection stays open, and tracked, until everything we wrote has
+    reached the peer. Then the client of a non-persistent HTTP/1.1 response
+    (``Connection: close``), which knows where the answer ends, closes
+    first, so the TIME_WAIT is the client's; it gets ``close_grace``
+    seconds. Any other answer (HTTP/1.0) ends with our FIN, a half-close that
+    keeps the socket ours; that peer gets ``stall_timeout`` seconds. Then,
+    or when a peer takes nothing of ours for ``stall_timeout`` seconds, the
+    connection is reset (RST: nothing left on our port); ``stop`` resets
+    whatever is left at once (``reset_when_flushed``).
+    """
+
+    factory: TrackingFactory
+    peer_closes_first = False  # set per request by web.site.TrackingSite
+    stall_timeout = 60.0  # as Twisted's HTTP idle timeout
+    _close_call: Any = None
+    _deadline = float("inf")
+    _resetting = False
+    _unsent = -1  # at the last look
+    _progress_at = 0.0  # when the peer last took some of it
+
+    def loseConnection(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = 1
+        self._watch(0.001)
+
+    def reset_when_flushed(self, within: float) -> None:
+        """
+        Reset the connection (RST: no FIN from us, so no TIME_WAIT on our
+        port) once everything we wrote has reached the peer, or after
+        ``within`` seconds for a peer that does not read. A peer that closes
+        first meanwhile just closes.
+        """
+        self.disconnecting = 1
+        self._resetting = True
+        self._deadline = min(self._deadline, self.factory.reactor.seconds() + within)
+        transport = self._transport()
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()  # nothing more is produced
+        self._watch(0.001)
+
+    def _watch(self, wait: float) -> None:
+        """Close, or reset, as soon as the peer has taken everything we wrote."""
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()  # e.g. a wait for the peer to close first
+        self._close_call = None
+        transport = self._transport()
+        if not getattr(transport, "connected", False):
+            return
+        reactor = self.factory.reactor
+        now = reactor.seconds()
+        unsent = _unsent(transport)
+        if unsent != self._unsent:
+            self._unsent, self._progress_at = unsent, now
+        if unsent == 0 and self._resetting:
+            transport.abortConnection()
+        elif unsent == 0:
+            wait_for_peer = self.factory.close_grace
+            if not self.peer_closes_first:
+                # The end of an answer only our close delimits (HTTP/1.0).
+                if isinstance(transport, ProtocolWrapper):
+                    transport.loseConnection()  # TLS: its close_notify first
+                else:
+                    transport.loseWriteConnection()
+                wait_for_peer = self.stall_timeout
+            self._close_call = reactor.callLater(
+                wait_for_peer, self.reset_when_flushed, self.factory.close_grace
+            )
+        elif now >= self._deadline or now - self._progress_at >= self.stall_timeout:
+            transport.abortConnection()
+        else:
+            # Look again soon, then less often: a peer that does not read
+            # should cost next to nothing while it is given its time.
+            self._close_call = reactor.callLater(wait, self._watch, min(wait * 2, 0.25))
+
+    def close_within(self, seconds: float) -> None:
+        """Close once our data has reached the peer, or reset after ``seconds``."""
+        self.reset_when_flushed(seconds)
+
+    def _transport(self) -> Any:
+        return self.transport
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.disconnecting:  # nothing more is read from a closing channel
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class TrackingFactory(WrappingFactory):
+    """
+    Wraps the one ``Site`` for one listener: it knows the listener's role and
+    every connection open on it, and says when none is left.
+    """
+
+    noisy = False
+    protocol = TrackedConnection
+
+    def __init__(self, site: Site, role: str, reactor: Any, close_grace: float) -> None:
+        super().__init__(site)  # type: ignore[no-untyped-call]
+        self.role = role
+        self.reactor = reactor
+        self.close_grace = close_grace
+        self._empty_waiters: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        if not self.protocols:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_empty(self) -> Deferred[None]:
+        """Fires once no connection is open on this listener."""
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._empty_waiters.append(d)
+        return d
+
+
+def _unsent(transport: Any) -> int:
+    """
+    Bytes written that have not reached the peer: in Twisted's buffer and,
+    where the system tells (Linux ``TIOCOUTQ``: sent but not acknowledged,
+    a FIN counting one), in the kernel's send queue. 0: all flushed.
+    """
+    unsent = int(
+        len(getattr(transport, "dataBuffer", b""))
+        - getattr(transport, "offset", 0)
+        + getattr(transport, "_tempDataLen", 0)
+    )
+    sock = getattr(transport, "socket", None)
+    if (
+        isinstance(sock, socket.socket)
+        and sock.family in (socket.AF_INET, socket.AF_INET6)  # on UNIX sockets it means unread
+        and hasattr(termios, "TIOCOUTQ")
+    ):
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return unsent
+        unsent += int(struct.unpack("i", queued)[0])
+    return unsent
+
+
+@define
+class Listener:
+    """One bound endpoint and its role."""
+
+    role: str
+    description: str
+    factory: TrackingFactory
+    port: IListeningPort
+
+    @property
+    def secure(self) -> bool:
+        return self.description.split(":", 1)[0].lower() in ("ssl", "tls")
+
+    def base(self, scheme: str) -> str:
+        """``scheme://host:port`` of this listener, as a client reaches it."""
+        address: Any = self.port.getHost()
+        s = "s" if self.secure else ""
+        if getattr(address, "type", None) in ("TCP", "TCP6") or hasattr(address, "port"):
+            host = str(address.host)
+            if host in ("0.0.0.0", ""):
+                host = "127.0.0.1"
+            elif host == "::":
+                host = "::1"
+            if ":" in host:
+                host = f"[{host}]"
+            return f"{scheme}{s}://{host}:{address.port}"
+        name = getattr(address, "name", b"")
+        path = name.decode() if isinstance(name, bytes) else str(name)
+        return f"{scheme}{s}+unix://{path.replace('/', '%2F')}"
+
+    @property
+    def loopback(self) -> bool:
+        """Bound to a loopback address (where a Host check stops DNS rebinding)."""
+        from trainstream.web.access import is_loopback_host
+
+        host = getattr(self.port.getHost(), "host", None)
+        return isinstance(host, str) and is_loopback_host(host)
+
+    @property
+    def port_number(self) -> int | None:
+        return getattr(self.port.getHost(), "port", None)
+
+
+_PORT_IN_DESCRIPTION = re.compile(r"^(?:tcp6?|ssl|tls):(?:port=)?(\d+)", re.IGNORECASE)
+
+
+def _listen_error(role: str, description: str, error: BaseException) -> ListenError:
+    """Turn a failed ``listen`` into an error that names the role, port and endpoint."""
+    socket_error = getattr(error, "socketError", error)
+    port: int | None = getattr(error, "port", None)
+    if not isinstance(port, int):
+        m = _PORT_IN_DESCRIPTION.match(description)
+        port = int(m.group(1)) if m else None
+    code = getattr(socket_error, "errno", None)
+    reason = os.strerror(code) if isinstance(code, int) else str(socket_error)
+    if code == errno.EADDRINUSE:
+        return PortInUseError(role, description, port, reason.lower())
+    return ListenError(role, description, port, reason.lower())
+
+
+class ListenerService(Service):
+    """
+    One role's endpoint. ``privilegedStartService`` binds it (synchronously
+    for TCP, SSL and UNIX endpoints; a failure raises ``PortInUseError`` or
+    ``ListenError`` naming the role, port and endpoint); the group's stop
+    closes it and its connections (see ``Listeners``).
+    """
+
+    def __init__(
+        self, role: str, description: str, site: Site, reactor: Any, close_timeout: float
+    ) -> None:
+        self.setName(role)  # type: ignore[no-untyped-call]
+        self.role = role
+        self.description = description
+        self.site = site
+        self.reactor = reactor
+        self.close_timeout = close_timeout
+        self.bound: Listener | None = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            endpoint = serverFromString(self.reactor, self.description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"--{self.role} {self.description!r} is not a valid endpoint string: {e}"
+            ) from None
+        except ImportError as e:  # ssl:/tls: without pyOpenSSL
+            raise ConfigError(
+                f"--{self.role} {self.description!r} needs TLS support, which is not "
+                f"installed ({e}): pip install 'trainstream[tls]'"
+            ) from None
+        factory = TrackingFactory(self.site, self.role, self.reactor, self.close_timeout)
+        outcome: list[object] = []
+        endpoint.listen(factory).addBoth(outcome.append)
+        if not outcome:  # pragma: no cover - every endpoint we accept binds at once
+            raise ConfigError(f"--{self.role} {self.description!r} did not bind synchronously")
+        result = outcome[0]
+        if isinstance(result, Failure):
+            error = result.value
+            if isinstance(error, CannotListenError | OSError):
+                raise _listen_error(self.role, self.description, error) from None
+            result.raiseException()
+        self.bound = Listener(self.role, self.description, factory, result)  # type: ignore[arg-type]
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def stop_listening(self) -> Deferred[None]:
+        bound = self.bound
+        if bound is None:
+            return succeed(None)
+        port: Any = bound.port
+        d: Deferred[None] = maybeDeferred(port.stopListening)
+        return d
+
+    def status(self) -> ListenerStatus | None:
+        bound = self.bound
+        if bound is None:
+            return None
+        return ListenerStatus(
+            role=bound.role,
+            endpoint=bound.description,
+            port=bound.port_number,
+            url=bound.base("http") + "/",
+            connections=len(bound.factory.protocols),
+            loopback=bound.loopback,
+        )
+
+
+class Listeners(MultiService):
+    """
+    Every listener of one server. Started, each binds in turn (a failure
+    closes those bound before it and raises). Stopped, it fires only when
+    every ``stopListening`` Deferred has fired and every connection is gone,
+    so every port can be bound again at once: listening sockets close
+    first, then every stream is ended politely (``clients``), then each
+    connection is reset once our data reached the peer, or after
+    ``close_timeout`` (plus half a second, then anything left is aborted).
+    """
+
+    def __init__(self, clients: Clients, reactor: Any, close_timeout: float) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.clients = clients
+        self.reactor = reactor
+        self.close_timeout = close_timeout
+
+    @property
+    def roles(self) -> list[ListenerService]:
+        return [s for s in self if isinstance(s, ListenerService)]
+
+    @property
+    def bound(self) -> list[Listener]:
+        return [s.bound for s in self.roles if s.bound is not None]
+
+    def privilegedStartService(self) -> None:
+        """Bind each role in turn; on a failure those bound stay bound until ``stopService``."""
+        for listener in self.roles:
+            listener.privilegedStartService()
+        Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)  # type: ignore[no-untyped-call]
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        bound = self.bound
+        for listener in self.roles:
+            listener.bound = None
+        if not bound:
+            return
+        await gatherResults(
+            [maybeDeferred(li.port.stopListening) for li in bound], consumeErrors=True
+        )
+        factories = [li.factory for li in bound]
+        self.clients.close_all("server stopping")
+        for factory in factories:
+            for wrapper in list(factory.protocols):
+                protocol = wrapper.wrappedProtocol
+                if isinstance(protocol, StreamSession):
+                    if protocol.state == WebSocketProtocol.STATE_CONNECTING:
+                        wrapper.transport.abortConnection()
+                    # Otherwise our close frame is out: Autobahn resets the
+                    # connection once the client answers it, or after
+                    # closeHandshakeTimeout.
+                else:
+                    # Plain HTTP (SSE streams are finished by now): flush, then reset.
+                    wrapper.reset_when_flushed(self.close_timeout)
+        everyone_gone = gatherResults([f.when_empty() for f in factories])
+        deadline = self.reactor.callLater(self.close_timeout + 0.5, _abort_all, factories)
+        await everyone_gone
+        if deadline.active():
+            deadline.cancel()
+
+
+def _abort_all(factories: list[TrackingFactory]) -> None:
+    for factory in factories:
+        for wrapper in list(factory.protocols):
+            _log.warn("client {peer} did not close in time: resetting", peer=wrapper.getPeer())
+            wrapper.transport.abortConnection()
+
+
+def build_listeners(
+    roles: list[tuple[str, str]], site: Site, clients: Clients, reactor: Any, close_timeout: float
+) -> Listeners:
+    """One ``ListenerService`` per (role, endpoint string), in bind order."""
+    group = Listeners(clients, reactor, close_timeout)
+    for role, description in roles:
+        ListenerService(role, description, site, reactor, close_timeout).setServiceParent(group)  # type: ignore[no-untyped-call]
+    return group
+
+
+__all__ = ["Listener", "ListenerService", "Listeners", "TrackedConnection", "build_listeners"]
