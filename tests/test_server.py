@@ -120,3 +120,33 @@ class RestartTests(TestCase):
             self.assertEqual(len(server.store.after(0, lambda r: True)), 2)
 
         return Deferred.fromCoroutine(go())
+
+
+class ConfigChecksItselfTests(SynchronousTestCase):
+    """Whoever builds a Config (a dict, keywords, twistd) gets the same checks."""
+
+    def test_keywords_are_checked(self) -> None:
+        from trainstream.config import Config
+        from trainstream.errors import ConfigError
+
+        for bad in ({"keepalive": -1}, {"retry_ms": 0}, {"memory": "yes"}, {"sse": 8888}):
+            with self.assertRaises(ConfigError) as caught:
+                Config(**bad)  # type: ignore[arg-type]
+            self.assertIn(repr(next(iter(bad))), str(caught.exception))
+            with self.assertRaises(ConfigError):
+                Config.from_value(bad)
+        self.assertEqual(Config(allow_origin="http://a").allow_origin, ("http://a",))
+        self.assertEqual(Config(keepalive=3).keepalive, 3.0)
+
+    def test_twistd_options_are_the_config_fields(self) -> None:
+        import attrs
+
+        from trainstream.config import Config
+        from trainstream.tap import Options
+
+        offered = {p[0] for p in Options.optParameters} | {f[0] for f in Options.optFlags}
+        fields = {f.name.replace("_", "-") for f in attrs.fields(Config) if f.metadata["cli"]}
+        self.assertEqual(offered, fields)
+        for p in Options.optParameters:
+            field = attrs.fields_dict(Config)[p[0].replace("-", "_")]
+            self.assertEqual((p[2], p[3]), (field.default, field.metadata["help"]))
