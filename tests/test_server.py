@@ -129,7 +129,17 @@ class ConfigChecksItselfTests(SynchronousTestCase):
         from trainstream.config import Config
         from trainstream.errors import ConfigError
 
-        for bad in ({"keepalive": -1}, {"retry_ms": 0}, {"memory": "yes"}, {"sse": 8888}):
+        nan, inf = float("nan"), float("inf")
+        for bad in (
+            {"keepalive": -1},
+            {"keepalive": nan},  # NaN once passed "> 0" and broke every SSE stream
+            {"close_timeout": inf},
+            {"stall_after": nan},
+            {"retain_days": inf},
+            {"retry_ms": 0},
+            {"memory": "yes"},
+            {"sse": 8888},
+        ):
             with self.assertRaises(ConfigError) as caught:
                 Config(**bad)  # type: ignore[arg-type]
             self.assertIn(repr(next(iter(bad))), str(caught.exception))
@@ -150,3 +160,43 @@ class ConfigChecksItselfTests(SynchronousTestCase):
         for p in Options.optParameters:
             field = attrs.fields_dict(Config)[p[0].replace("-", "_")]
             self.assertEqual((p[2], p[3]), (field.default, field.metadata["help"]))
+
+
+class EndpointErrorTests(SynchronousTestCase):
+    def test_port_out_of_range_is_a_clear_error(self) -> None:
+        """``tcp:99999``: bind() refuses the number; the user is told, not shown a traceback."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from trainstream.errors import ConfigError
+        from trainstream.listeners import ListenerService
+
+        listener = ListenerService("sse", "tcp:99999", Site(Resource()), reactor, 1.0)
+        with self.assertRaises(ConfigError) as caught:
+            listener.privilegedStartService()
+        self.assertIn("--sse 'tcp:99999' is not a usable endpoint", str(caught.exception))
+        self.assertIsNone(listener.bound)
+
+
+class TailOnceTests(SynchronousTestCase):
+    def test_unreachable_server_is_one_line(self) -> None:
+        """``tail --once`` does not retry; when it cannot reach the server it says so."""
+        import socket
+        import subprocess
+        import sys
+
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()  # nothing listens there now
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(
+            [sys.executable, "-m", "trainstream", "tail", f"http://127.0.0.1:{port}", "--once"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn(f"cannot reach http://127.0.0.1:{port}: connection refused", done.stderr)
+        self.assertNotIn("Traceback", done.stderr)

@@ -8,6 +8,7 @@ text, from which ``twistd trainstream``'s options are derived (``tap.py``).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -58,7 +59,7 @@ def _positive(kind: type, optional: bool = False) -> Check:
         ok = not isinstance(value, bool) and (
             isinstance(value, int) if kind is int else isinstance(value, int | float)
         )
-        if not ok or value <= 0:
+        if not ok or not 0 < value < math.inf:  # NaN and infinity are refused too
             what = "a positive integer" if kind is int else "a positive number"
             raise ConfigError(f"config {a.name!r} must be {what}, not {value!r}")
 

@@ -302,6 +302,10 @@ class ListenerService(Service):
             error = result.value
             if isinstance(error, CannotListenError | OSError):
                 raise _listen_error(self.role, self.description, error) from None
+            if isinstance(error, OverflowError):  # tcp:99999: bind() refuses the number
+                raise ConfigError(
+                    f"--{self.role} {self.description!r} is not a usable endpoint: {error}"
+                ) from None
             result.raiseException()
         self.bound = Listener(self.role, self.description, factory, result)  # type: ignore[arg-type]
         super().privilegedStartService()  # type: ignore[no-untyped-call]

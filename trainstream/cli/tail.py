@@ -9,10 +9,11 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http.client import HTTPException
 from typing import IO, Any
 
 from trainstream.cli import ServerOptions
-from trainstream.client.http import HTTP, ClientError, Endpoint, error_text
+from trainstream.client.http import HTTP, ClientError, Endpoint, describe, error_text
 from trainstream.client.sse import ConnState, Reset, SSEClient
 
 __all__ = ["TailOptions", "compact", "run_tail"]
@@ -86,7 +87,10 @@ def _tail_once(
         query["type"] = ",".join(options.types)
     end: int | None = None
     while True:
-        status, body = http_.get_json("/api/events", {**query, "after": after, "limit": 1000})
+        try:
+            status, body = http_.get_json("/api/events", {**query, "after": after, "limit": 1000})
+        except (OSError, HTTPException) as e:  # --once does not retry: say why it stops
+            raise ClientError(f"cannot reach {endpoint.base}: {describe(e)}") from None
         if status != 200 or not isinstance(body, dict):
             raise ClientError(error_text(status, body))
         if end is None:
