@@ -310,14 +310,6 @@ class ListenerService(Service):
         self.bound = Listener(self.role, self.description, factory, result)  # type: ignore[arg-type]
         super().privilegedStartService()  # type: ignore[no-untyped-call]
 
-    def stop_listening(self) -> Deferred[None]:
-        bound = self.bound
-        if bound is None:
-            return succeed(None)
-        port: Any = bound.port
-        d: Deferred[None] = maybeDeferred(port.stopListening)
-        return d
-
     def status(self) -> ListenerStatus | None:
         bound = self.bound
         if bound is None:

@@ -83,7 +83,6 @@ class StreamServer(MultiService):
             reactor = global_reactor
         self.config = Config.from_value(config)
         self.reactor: Any = reactor
-        self.token = self.config.resolve_token()
         #: How a thread other than the reactor's waits on a Deferred
         #: (``embedded.call_blocking``); set by the embedded manager.
         self.blocking: Callable[..., Any] | None = None
