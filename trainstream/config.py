@@ -23,6 +23,12 @@ DEFAULT_WS = "tcp:8889:interface=127.0.0.1"
 DEFAULT_REST = "tcp:8890:interface=127.0.0.1"
 #: Bytes of events that may wait for one slow client (``--client-buffer``).
 DEFAULT_CLIENT_BUFFER = 1 << 20
+#: MiB of the newest events kept in RAM (``--cache-mb``): the whole of a
+#: ``--memory`` history, and the SQLite history's cache of recent events.
+#: 32 MiB holds about 88,000 metric events (near the count bound,
+#: ``max_history``, that governed before) or 550 log events of 60 KB, and
+#: keeps a server's growth well under its targets (``bench/memory.py``).
+DEFAULT_CACHE_MB = 32.0
 
 
 def default_db_path() -> str:
@@ -125,7 +131,18 @@ class Config:
         2.0, _positive(float), "Seconds a client gets to answer a close handshake.", kind=float
     )
     max_history: int = _option(
-        100_000, _positive(int), "Events the in-memory history keeps.", None, int
+        100_000,
+        _positive(int),
+        "Events kept in RAM at most (the --memory history, the SQLite cache), within --cache-mb.",
+        None,
+        int,
+    )
+    cache_mb: float = _option(
+        DEFAULT_CACHE_MB,
+        _positive(float),
+        "MiB of the newest events kept in RAM: the whole --memory history, "
+        "the SQLite history's cache.",
+        kind=float,
     )
     stall_after: float = _option(
         120.0, _positive(float), "Seconds without events before a run is stalled.", kind=float
