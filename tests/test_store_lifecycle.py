@@ -209,7 +209,7 @@ class LifecycleTests(SynchronousTestCase):
             message = str(e.exception)
             self.assertIn(f"history file {path} is damaged", message)
             self.assertIn(f"'last_id' is {shown}", message)
-            self.assertIn("move the file aside", message)
+            self.assertIn("move it aside", message)
             assert_free(path)
 
 

@@ -1,6 +1,8 @@
 """
 ``python -m trainstream watch URL`` and ``python -m trainstream tail URL``:
-terminal clients of a running server (see :mod:`trainstream.cli`).
+terminal clients of a running server (see :mod:`trainstream.cli`);
+``python -m trainstream check PATH`` and ``repair PATH``: a history file
+that may be damaged (see :mod:`trainstream.store.check`, ``repair``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainstream",
-        description="Terminal clients of a trainstream server.",
+        description="Terminal clients of a trainstream server, and tools for its history file.",
     )
     parser.add_argument("--version", action="version", version=f"trainstream {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -116,11 +118,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the stored events (after --after, default 0) up to now, then exit",
     )
     tail.add_argument("-q", "--quiet", action="store_true", help="no reconnect news on stderr")
+
+    check = commands.add_parser(
+        "check",
+        help="check a history file (reads only)",
+        description="Check a history file without changing it: SQLite's integrity_check, "
+        "its tables and meta, and that every event row decodes. Prints a short report; "
+        "exits 0 if the file is whole, 1 if it is damaged.",
+    )
+    check.add_argument("path", metavar="PATH", help="the history file (--db)")
+    repair = commands.add_parser(
+        "repair",
+        help="replace a damaged history file with what can be read of it",
+        description="Write a new history file from every event a damaged one still holds "
+        "(ids, series summaries and rollups as before; ids go on after the highest ever "
+        "given), and move the damaged file (with its -wal and -shm) to "
+        "PATH.damaged-<UTC time>. Refused while a server holds the file.",
+    )
+    repair.add_argument("path", metavar="PATH", help="the history file (--db)")
     return parser
+
+
+def history_file(command: str, path: str) -> int:
+    """``check`` or ``repair`` the history file ``path``; the exit status."""
+    from trainstream.errors import StoreError
+
+    if command == "check":
+        from trainstream.store.check import check
+
+        report = check(path)
+        print("\n".join(report.lines()))
+        return 0 if report.ok else 1
+    from trainstream.store.repair import repair
+
+    try:
+        repaired = repair(path)
+    except StoreError as e:
+        print(f"trainstream repair: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"trainstream repair: interrupted; {path} is left as it was", file=sys.stderr)
+        return 130
+    print("\n".join(repaired.lines()))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("check", "repair"):
+        return history_file(args.command, args.path)
     from trainstream.client.http import ClientError
 
     server: dict[str, Any] = {

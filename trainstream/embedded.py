@@ -64,7 +64,12 @@ def call_blocking(
     ensure_reactor_thread()
     import crochet
 
-    return crochet.run_in_reactor(fn)(*args).wait(timeout)
+    try:
+        return crochet.run_in_reactor(fn)(*args).wait(timeout)
+    except TrainstreamError as e:
+        # What the user can act on (a busy port, a damaged file) reads as
+        # one line at their own call, not the reactor's stack that found it.
+        raise e.with_traceback(None) from None
 
 
 class StreamServerManager:

@@ -135,10 +135,54 @@ def rows_op(
     return op
 
 
-def decode(row: tuple[int, str, str, str | None, str]) -> Record:
+class RowError(ValueError):
+    """A stored row that is not an event (its JSON does not decode to one)."""
+
+    def __init__(self, event_id: object, why: str) -> None:
+        super().__init__(f"event {_brief(event_id)} {why}")
+        self.event_id = event_id
+        self.why = why
+
+
+def event_of(row: tuple[int, str, str, str | None, str]) -> dict[str, object]:
+    """
+    The event a stored row holds.
+
+    :raises RowError: when the row is damaged: its JSON does not decode, is
+        not an object, or its columns are not what every written row has.
+    """
     event_id, kind, run, name, text = row
-    event = json.loads(text)
+    if not (
+        type(event_id) is int
+        and isinstance(kind, str)
+        and isinstance(run, str)
+        and (name is None or isinstance(name, str))
+        and isinstance(text, str)
+    ):
+        raise RowError(event_id, "has columns of the wrong type")
+    try:
+        event = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise RowError(event_id, f"is not valid JSON ({e})") from None
+    if not isinstance(event, dict):
+        raise RowError(event_id, f"is JSON {type(event).__name__}, not an event object")
     value = event.get("value")
     if kind == "metric" and isinstance(value, str):
-        event["value"] = float(value)  # "NaN", "Infinity", "-Infinity" on the wire
-    return Record(id=event_id, type=kind, run=run, name=name, event=event, json=text)
+        try:
+            event["value"] = float(value)  # "NaN", "Infinity", "-Infinity" on the wire
+        except ValueError:
+            raise RowError(event_id, f"has value {_brief(value)}, not a number") from None
+    return event
+
+
+def decode(row: tuple[int, str, str, str | None, str], segment: int = 0) -> Record:
+    """
+    The record a stored row holds (``segment``: its metric's, for a repair).
+
+    :raises RowError: when the row is damaged (see :func:`event_of`).
+    """
+    event_id, kind, run, name, text = row
+    event = event_of(row)
+    return Record(
+        id=event_id, type=kind, run=run, name=name, event=event, json=text, segment=segment
+    )

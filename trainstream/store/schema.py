@@ -15,9 +15,11 @@ ends with the rowid, here the event id.
 
 from __future__ import annotations
 
+import shlex
 import sqlite3
 import uuid
 from collections.abc import Callable
+from functools import cache
 
 from attrs import frozen
 
@@ -117,25 +119,130 @@ class Meta:
     floor: int
 
 
+#: What SQLite says of a file that is not (or no longer) a SQLite database.
+NOT_SQLITE = ("file is not a database", "unsupported file format")
+#: SQLite's codes for a file whose content is damaged (``sqlite_errorname``).
+_DAMAGE_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_FORMAT"})
+#: What SQLite says (in part) when a table, index or column of the layout is
+#: not in the file or is there twice (a header that says "new file" over an
+#: old one), the schema or a page is malformed, or a stored text is not text.
+_DAMAGE_TEXT = (
+    "no such table",
+    "no such index",
+    "no such column",
+    "already exists",
+    "malformed",
+    "Could not decode",
+)
+
+
+class DamagedError(StoreError):
+    """A history file whose content is damaged: ``what`` is wrong with ``path``."""
+
+    def __init__(self, path: str, what: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.what = what
+
+
+def damaged(path: str, what: str) -> DamagedError:
+    """
+    The one line a damaged history file gets: the file, what is wrong, what
+    to do (``python -m trainstream repair`` keeps what can be read).
+    """
+    if what in NOT_SQLITE:
+        return DamagedError(
+            path,
+            what,
+            f"history file {path} is not a SQLite database ({what}): if the path names "
+            "another file, give the history's; if this is the history, its first page is "
+            "damaged and nothing can be read from it: move it aside to start a new one",
+        )
+    return DamagedError(
+        path,
+        what,
+        f"history file {path} is damaged ({what}); move it aside to start a new history, "
+        f"or run `python -m trainstream repair {shlex.quote(path)}` to keep what can be read",
+    )
+
+
+def is_damage(error: sqlite3.Error) -> bool:
+    """
+    Whether ``error`` says the file's content is damaged (not that it is
+    busy, read-only, or the disk is full: those are not the file's fault).
+    """
+    if getattr(error, "sqlite_errorname", None) in _DAMAGE_CODES:
+        return True
+    text = str(error)
+    return isinstance(error, sqlite3.DatabaseError) and any(t in text for t in _DAMAGE_TEXT)
+
+
+def translated(path: str, error: sqlite3.Error) -> StoreError:
+    """``error``, raised reading ``path``, as the line a user gets."""
+    if is_damage(error):
+        return damaged(path, str(error))
+    return StoreError(f"cannot read history file {path}: {error}")
+
+
+@cache
+def _layout() -> frozenset[tuple[str, str]]:
+    """The (type, name) of every table and index a current file has."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(db, ":memory:")
+        return frozenset(_objects(db))
+    finally:
+        db.close()
+
+
+def _objects(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    return db.execute(
+        "SELECT type, name FROM sqlite_master "
+        "WHERE type IN ('table', 'index') AND name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+
+
 def read_meta(db: sqlite3.Connection, path: str) -> Meta:
     """
-    :raises StoreError: naming the file and the row when ``meta`` is damaged.
+    What ``meta`` says, once the file is known to have every table and
+    index of the layout, and ``last_id`` is known to be at least the highest
+    event id (else ids would be given twice). Cheap: no scan.
+
+    :raises StoreError: naming the file, what is missing or wrong, and what
+        to do (``damaged``).
+    :raises sqlite3.DatabaseError: when SQLite cannot read the file.
     """
+    missing = sorted(_layout() - set(_objects(db)))
+    if missing:
+        kind, name = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise damaged(path, f"its {kind} {name!r} is missing{more}")
     rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
     values: dict[str, int] = {}
     for key in ("last_id", "floor"):
+        text = rows.get(key)
+        if text is None:
+            raise damaged(path, f"its meta row {key!r} is missing")
         try:
-            values[key] = int(rows[key])
-        except (KeyError, TypeError, ValueError):
-            raise StoreError(
-                f"history file {path} is damaged: its meta row {key!r} is "
-                f"{'missing' if key not in rows else repr(rows[key])}; move the file aside "
-                "to start a new history"
-            ) from None
+            values[key] = int(text)
+        except (TypeError, ValueError):
+            raise damaged(path, f"its meta row {key!r} is {_brief(text)}, not an integer") from None
+    if values["last_id"] < 0 or values["floor"] < 1:
+        raise damaged(path, f"its meta says last_id {values['last_id']}, floor {values['floor']}")
     epoch = rows.get("epoch")
     if not isinstance(epoch, str) or not epoch:
-        raise StoreError(
-            f"history file {path} is damaged: its meta row 'epoch' is missing; "
-            "move the file aside to start a new history"
+        raise damaged(
+            path, f"its meta row 'epoch' is {'missing' if epoch is None else _brief(epoch)}"
+        )
+    highest = db.execute("SELECT MAX(id) FROM events").fetchone()[0]
+    if isinstance(highest, int) and highest > values["last_id"]:
+        raise damaged(
+            path,
+            f"its meta row 'last_id' is {values['last_id']}, below its highest event id {highest}",
         )
     return Meta(epoch, values["last_id"], values["floor"])
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
