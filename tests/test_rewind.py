@@ -97,6 +97,7 @@ class PersistedSegmentTests(TestCase):
             self.assertEqual(hub.segments.current("r", "loss"), 1)
             hub.accept(points("r", "loss", range(3, 4)))  # goes on, no new segment
             self.assertEqual(hub.segments.current("r", "loss"), 1)
+            await again.sync()
             self.assertEqual([p[0] for p in again.series("r", "loss", segment=1)], [0, 1, 2, 3])
 
         return Deferred.fromCoroutine(go())

@@ -246,7 +246,7 @@ class NanAlertTests(RegistryTestCase):
 
     def test_deleted_run_alerts_again(self) -> None:
         self.hub.accept([metric("a", 1, "NaN"), metric("b", 1, 1.0)])
-        removed = self.runs.delete("a")
+        removed = self.successResultOf(self.runs.delete("a"))
         self.assertEqual(removed, 2)  # the metric and its alert
         self.assertIsNone(self.runs.get("a"))
         self.assertEqual([r.run for r in self.store.after(0, lambda r: True)], ["b"])
@@ -254,7 +254,7 @@ class NanAlertTests(RegistryTestCase):
         self.assertEqual(len(self.alerts()), 1)
 
     def test_delete_unknown(self) -> None:
-        self.assertIsNone(self.runs.delete("nope"))
+        self.assertIsNone(self.successResultOf(self.runs.delete("nope")))
 
 
 class MemoryStoreTests(SynchronousTestCase):
@@ -283,23 +283,23 @@ class MemoryStoreTests(SynchronousTestCase):
 
     def test_delete_keeps_the_rest_in_order(self) -> None:
         self.hub.accept([metric("a", 1), metric("b", 1), metric("a", 2), metric("b", 2)])
-        self.assertEqual(self.store.delete_run("a"), 2)
+        self.assertEqual(self.successResultOf(self.store.delete_run("a")), 2)
         self.assertEqual([r.id for r in self.store.after(0, lambda r: True)], [2, 4])
         self.assertEqual([r.id for r in self.store.after(2, lambda r: True)], [4])
-        self.assertEqual(self.store.delete_run("a"), 0)
+        self.assertEqual(self.successResultOf(self.store.delete_run("a")), 0)
 
     def test_delete_does_not_look_like_trimming(self) -> None:
         """Deleting the oldest events leaves oldest_id: resuming clients get no reset."""
         self.hub.accept([metric("a", 1), metric("b", 1)])
-        self.store.delete_run("a")
+        self.successResultOf(self.store.delete_run("a"))
         self.assertEqual(self.store.oldest_id, 1)
-        self.store.delete_run("b")
+        self.successResultOf(self.store.delete_run("b"))
         self.assertEqual(self.store.oldest_id, 1)
 
     def test_trimming_moves_oldest_id(self) -> None:
         self.hub.accept([metric("a", s) for s in range(7)])
         self.assertEqual(self.store.oldest_id, 3)
-        self.assertEqual(self.store.delete_run("a"), 5)
+        self.assertEqual(self.successResultOf(self.store.delete_run("a")), 5)
         self.assertEqual(self.store.oldest_id, 3)
         self.hub.accept([metric("a", s) for s in range(3)])
         self.assertEqual(self.store.oldest_id, 3)

@@ -60,6 +60,7 @@ class StoreTests(TestCase):
             hub2 = Hub(again)
             _, first, _ = hub2.accept([log(200)])
             self.assertEqual(first, 102)
+            await again.sync()
             replay = again.after(95, lambda r: True)
             self.assertEqual([r.id for r in replay], [96, 97, 98, 99, 100, 101, 102])
             self.assertIn('"value":"NaN"', replay[5].json)
@@ -77,7 +78,11 @@ class StoreTests(TestCase):
             hub = Hub(store)
             hub.accept([metric(i, i * 0.5) for i in range(50)])
             await store.sync()
-            hub.accept([metric(i, i * 0.5) for i in range(50, 60)])  # maybe uncommitted
+            hub.accept([metric(i, i * 0.5) for i in range(50, 60)])
+            # Readers see only what is committed (and so offered to live clients).
+            ids = [r.id for r in store.after(0, lambda r: True)]
+            self.assertEqual(ids, list(range(1, 51)))
+            await store.sync()
             ids = [r.id for r in store.after(0, lambda r: True)]
             self.assertEqual(ids, list(range(1, 61)))
             steps = [p[0] for p in store.series("r", "loss", 45, 55)]
@@ -92,8 +97,9 @@ class StoreTests(TestCase):
             store = self.open(path)
             hub = Hub(store)
             hub.accept([log(i, "gone") for i in range(5)] + [log(9, "kept")])
-            self.assertEqual(store.delete_run("gone"), 5)
+            deleted = store.delete_run("gone")
             hub.accept([log(10, "gone")])  # after the delete: kept
+            self.assertEqual(await deleted, 5)
             await store.sync()
             with sqlite3.connect(path) as other:
                 rows = other.execute("SELECT id, run FROM events ORDER BY id").fetchall()
@@ -296,6 +302,7 @@ class RetentionTests(TestCase):
             sink = FakeSink()
             sub = hub.subscribe(sink, Filter())  # type: ignore[arg-type]
             sub.start(5)
+            await sub.live()  # the replay reads the disk off the reactor thread
             self.assertEqual(sink.resets[0][1], 31)
             self.assertEqual(sink.ids, list(range(31, 41)))
 
@@ -351,6 +358,8 @@ class RegistryRestartTests(TestCase):
                     *[metric(i, float(i), "b") for i in range(7)],
                 ]
             )
+            await first.store.sync()  # the registry hears of a batch once it is committed
+            await first.store.sync()  # and of the NaN alert it published for it
             live = {info.run: info.detail() for info in first.runs.all()}
             alerts = first.runs.nan_alerts_total
             await first.stop()
@@ -370,6 +379,7 @@ class RegistryRestartTests(TestCase):
                 )
             # The NaN was alerted before the restart: not again.
             second.hub.accept([metric(51, float("nan"), "a")])
+            await second.store.sync()
             self.assertEqual(second.runs.nan_alerts_total, 0)
 
         return Deferred.fromCoroutine(go())

@@ -33,6 +33,10 @@ class StoreError(TrainstreamError):
     """The history file cannot be used (held by another server, unreadable, too new)."""
 
 
+class DiskFullError(StoreError):
+    """Events were not stored for want of disk space (a temporary state: free space)."""
+
+
 class ListenError(TrainstreamError, OSError):
     """A listener could not bind its endpoint."""
 

@@ -1,7 +1,14 @@
 """
 Where an event gets its id, and how it reaches every live subscriber.
 
-Everything here runs in the reactor thread, so ``accept`` and ``subscribe``
+An event is numbered when it is accepted, and shown to anyone (live
+subscribers, the runs registry, ``GET /api/events``, resumes) only once the
+store has committed it: the store's ``append`` Deferred fires, batch by
+batch in id order, and the Hub fans the batch out in that same call. So a
+client never holds an id the history may not have; after a crash the ids of
+events that were never committed are given again, but nobody saw them.
+
+Everything here runs in the reactor thread, so delivery and ``subscribe``
 never interleave: a subscriber replayed from the store and then added to the
 live set can neither miss nor repeat an event.
 """
@@ -82,11 +89,11 @@ class Hub:
     The one way in for events, and where they get their ids.
 
     ``accept`` validates a batch from any publisher (REST, WebSocket,
-    ``run.log``, the server's own observers), numbers it, appends it to the
-    store and offers it to every subscriber. Observers (runs, ranks) are
-    told of each batch after the subscribers and *return* the events they
-    want published; those go through ``accept`` in turn, after the batch,
-    never re-entering it.
+    ``run.log``, the server's own observers), numbers it and appends it to
+    the store; once committed, it is offered to every subscriber. Observers
+    (runs, ranks) are told of each committed batch after the subscribers and
+    *return* the events they want published; those are accepted in turn,
+    after the batch, never re-entering it.
     """
 
     def __init__(
@@ -99,9 +106,11 @@ class Hub:
         self.limits = limits
         self._now = now
         self._next_id: int | None = None  # read from the store once it is open
+        self._visible = 0  # the newest id committed and offered to subscribers
         self._segments: Segments | None = None
         self._subscriptions: dict[Subscription, None] = {}
-        self._accepting = False
+        self._follow: list[dict[str, object]] = []  # what observers returned, to accept
+        self._following = False
         self.accepted_total = 0
         self.coalesced_total = 0
         self.overflows = 0
@@ -112,6 +121,7 @@ class Hub:
     def open(self) -> None:
         """Continue from the store's ids and segments (the store is started)."""
         self._next_id = self.store.last_id + 1
+        self._visible = self.store.last_id
         self._segments = Segments(self.store.segments())
 
     @property
@@ -123,6 +133,13 @@ class Hub:
 
     @property
     def last_id(self) -> int:
+        """The newest id a client may know: committed, and offered to subscribers."""
+        if self._next_id is None:
+            self.open()
+        return self._visible
+
+    def _numbered(self) -> int:
+        """The newest id given (its event may not be committed yet)."""
         if self._next_id is None:
             self.open()
         assert self._next_id is not None
@@ -134,29 +151,33 @@ class Hub:
 
     def accept(self, items: object) -> tuple[int, int, int]:
         """
-        Validate a batch from a publisher, all or nothing, then publish it,
-        then what the observers return for it.
+        Validate a batch from a publisher, all or nothing, then number it
+        and hand it to the store (it reaches subscribers once committed:
+        ``store.sync()`` says when).
 
         :raises trainstream.events.EventError: naming the first bad event.
         :return: ``(accepted, first_id, last_id)`` of the publisher's events.
         """
         events = validate_events(items, self.limits, self._now)
-        if self._accepting:  # pragma: no cover - observers return, never re-enter
-            raise RuntimeError("Hub.accept re-entered from an observer")
-        self._accepting = True
-        try:
-            answer, follow = self._publish(events)
-            while follow:  # what the observers asked for, validated like any batch
-                _, follow = self._publish(validate_events(follow, self.limits, self._now))
-        finally:
-            self._accepting = False
+        answer = self._publish(events)
+        self._accept_follow()  # a store that commits at once has delivered already
         return answer
 
-    def _publish(
-        self, events: Sequence[dict[str, object]]
-    ) -> tuple[tuple[int, int, int], list[dict[str, object]]]:
-        """Number, store and fan out validated events; what the observers return."""
-        first = next_id = self.last_id + 1
+    def _accept_follow(self) -> None:
+        """Accept what the observers returned, validated like any batch, in order."""
+        if self._following:
+            return  # the loop below, further up the stack, takes it
+        self._following = True
+        try:
+            while self._follow:
+                follow, self._follow = self._follow, []
+                self._publish(validate_events(follow, self.limits, self._now))
+        finally:
+            self._following = False
+
+    def _publish(self, events: Sequence[dict[str, object]]) -> tuple[int, int, int]:
+        """Number validated events and hand them to the store."""
+        first = next_id = self._numbered() + 1
         segments = self.segments
         records: list[Record] = []
         for e in events:
@@ -186,10 +207,25 @@ class Hub:
             records.append(make_record(next_id, e, segment))
             next_id += 1
         if not records:
-            return (0, first, first - 1), []
+            return (0, first, first - 1)
         self._next_id = next_id
-        self.store.append(records)
         self.accepted_total += len(records)
+        # The publisher's own events: a rewind status the server added may lie
+        # between first and last.
+        answer = (len(events), first, next_id - 1)
+        self.store.append(records).addCallback(self._deliver)
+        return answer
+
+    def _deliver(self, records: Sequence[Record]) -> None:
+        """
+        A batch is committed (``records``: what of it was stored): offer it
+        to every subscriber, then the observers.
+        """
+        if not records:
+            # Refused (a full disk): those ids were never shown, and after a
+            # restart may be given to other events; last_id must not name them.
+            return
+        self._visible = max(self._visible, records[-1].id)
         # Clients mostly share a few filters: filter once per distinct filter,
         # and hand them all the same list (so sinks can share formatting).
         filtered: dict[Filter, list[Record]] = {}
@@ -202,12 +238,9 @@ class Hub:
             if wanted is None:
                 wanted = filtered[flt] = [r for r in records if flt.matches(r)]
             subscription.offer(wanted)
-        follow: list[dict[str, object]] = []
         for observer in self.observers:
-            follow.extend(observer(records) or ())
-        # The publisher's own events: a rewind status the server added may lie
-        # between first and last.
-        return (len(events), first, next_id - 1), follow
+            self._follow.extend(observer(records) or ())
+        self._accept_follow()
 
     def subscribe(
         self,

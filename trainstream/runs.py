@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from attrs import Factory, define
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -238,18 +239,23 @@ class RunsService(Service):
             # Keep checking: one bad pass must not end stall detection.
             _log.failure("stall check failed")
 
-    def delete(self, run: str) -> int | None:
+    def delete(self, run: str) -> Deferred[int | None]:
         """
-        Remove ``run``'s history from the store and forget it.
+        Remove ``run``'s history from the store and forget it, once the
+        delete is durable (until then the run is still listed).
 
-        :return: how many stored events were removed, or ``None`` if the run
-            is neither known nor stored.
+        :return: fires with how many stored events were removed, or
+            ``None`` if the run is neither known nor stored; fails with
+            ``StoreError`` if the history could not do it.
         """
         known = run in self._runs
-        removed = self.hub.store.delete_run(run)
-        self.hub.segments.forget(run)
-        self.forget(run)
-        return removed if known or removed else None
+
+        def deleted(removed: int) -> int | None:
+            self.hub.segments.forget(run)
+            self.forget(run)
+            return removed if known or removed else None
+
+        return self.hub.store.delete_run(run).addCallback(deleted)
 
     def forget(self, run: str) -> None:
         self._runs.pop(run, None)

@@ -51,6 +51,8 @@ _log = Logger()
 
 # run.log() batches reach the hub at most this long after they are logged.
 _INBOX_DELAY = 0.05
+#: Seconds a stop waits for what was published to be committed and acknowledged.
+_STOP_COMMIT_WAIT = 10.0
 
 
 class HistoryService(StoreService):
@@ -192,6 +194,13 @@ class StreamServer(MultiService):
             return
         # Whatever the training code queued before the stop is still published.
         self.inbox.drain()
+        # And acknowledged: what publishers sent is committed, and their 200s
+        # and acks go out, before any connection is closed (bounded: a
+        # history that cannot commit is closed by its own service below).
+        try:
+            await self.store.sync().addTimeout(_STOP_COMMIT_WAIT, self.reactor)
+        except Exception as e:
+            _log.warn("stopping before every event was stored: {e}", e=e)
         Service.stopService(self)  # type: ignore[no-untyped-call]
         for child in reversed(list(self)):
             if child.running:
@@ -299,12 +308,14 @@ class StreamServer(MultiService):
 
 def _make_store(config: Config, reactor: Any) -> Store:
     """The history the config asks for (not opened yet: that is ``start()``)."""
+    cache_bytes = int(config.cache_mb * 2**20)
     if config.memory:
-        return MemoryStore(config.max_history)
+        return MemoryStore(config.max_history, cache_bytes)
     return SQLiteStore(
         config.db or default_db_path(),
         lambda f, *a: reactor.callFromThread(f, *a),
         cache_events=config.max_history,
+        cache_bytes=cache_bytes,
     )
 
 

@@ -5,22 +5,45 @@ buffer, coalescing, overflow and replay.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from typing import Protocol
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from trainstream.config import DEFAULT_CLIENT_BUFFER
-from trainstream.store import Record, Store
+from trainstream.store import Page, Record
 from trainstream.store.filter import Filter
+
+_log = Logger()
+_id = attrgetter("id")
+
+
+class History(Protocol):
+    """What a replay reads of the store (see ``Store``)."""
+
+    @property
+    def oldest_id(self) -> int: ...
+
+    def after_cached(self, after_id: int, flt: Filter, limit: int) -> list[Record] | None:
+        """What memory holds after ``after_id``, or ``None`` if the disk is needed."""
+
+    def read_after(self, after_id: int, flt: Filter, limit: int) -> Deferred[Page]:
+        """The same, off the reactor thread; what it covered up to ``Page.upto``."""
 
 
 class Source(Protocol):
     """What a subscription needs of the hub that feeds it."""
 
-    store: Store
     coalesced_total: int
     overflows: int
+
+    @property
+    def store(self) -> History: ...
 
     @property
     def last_id(self) -> int: ...
@@ -83,10 +106,18 @@ class Subscription:
     buffer of at most ``limit_bytes``: past that, metric events are coalesced
     to the latest value per (run, name), and if that is not enough the client
     is closed with a reason and the id to resume after. A replay (resume by
-    id) is read from the store in batches as the client drains, never
-    buffered, so a client far behind costs no memory; live events that
-    arrive meanwhile are in the store too, so nothing is missed or doubled.
+    id) is read from the store in batches as the client drains, one batch at
+    a time, so a client far behind costs no memory; live events that arrive
+    meanwhile are in the store too, so nothing is missed or doubled.
     ``min_interval`` (WebSocket ``max_rate``) holds writes back the same way.
+
+    A batch the store's cache holds is read in the reactor thread; any
+    other is read off it (``read_after``: the reactor never waits on the
+    disk). While that read is out nothing is written; what it brings is
+    written as the client takes it, the rest kept for the next ``resume``,
+    never read again. The replay goes live only in the same turn as a read
+    of the cache found nothing more, so no event committed while a read
+    was out is missed.
     """
 
     def __init__(
@@ -114,6 +145,14 @@ class Subscription:
         self._pending: list[Record] = []
         self._pending_bytes = 0
         self._coalesced: dict[int, int] = {}
+        self._reading: Deferred[Page] | None = None  # a read_after out: nothing is written
+        self._pumping = False
+        # What a replay read and has not written yet (None: nothing); its read
+        # covered up to _upto.
+        self._backlog: Sequence[Record] | None = None
+        self._backlog_at = 0
+        self._upto = 0
+        self._live: list[Deferred[None]] = []
 
     @property
     def buffered_bytes(self) -> int:
@@ -151,9 +190,28 @@ class Subscription:
         self.closed = True
         self._pending = []
         self._pending_bytes = 0
+        self._backlog, self._backlog_at = None, 0
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            reading.cancel()  # nobody waits for it: the store skips or interrupts it
         if self._gate_call is not None and self._gate_call.active():
             self._gate_call.cancel()
         self._gate_call = None
+        self._replayed()
+
+    def live(self) -> Deferred[None]:
+        """Fires once the replay (if any) is over: the subscription is live, or closed."""
+        d: Deferred[None] = Deferred()
+        if self.replaying and not self.closed:
+            self._live.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _replayed(self) -> None:
+        waiting, self._live = self._live, []
+        for d in waiting:
+            d.callback(None)
 
     @property
     def _held(self) -> bool:
@@ -165,6 +223,11 @@ class Subscription:
         """Live events, already filtered for this subscription (may be empty)."""
         if self.closed or self.replaying or not records:
             return  # a replay reads these from the store
+        last = self._pending[-1].id if self._pending else self.cursor
+        if records[0].id <= last:  # had already (a replay went live within this batch)
+            records = records[bisect.bisect_right(records, last, key=_id) :]
+            if not records:
+                return
         if self._pending or self._held:
             self._buffer(records)
         else:
@@ -256,27 +319,93 @@ class Subscription:
 
     def _pump(self) -> None:
         """Replay from the store while the client takes it."""
+        if self._pumping:
+            return  # re-entered (a write resumed us): the loop below goes on
+        self._pumping = True
+        try:
+            self._replay()
+        finally:
+            self._pumping = False
+
+    def _replay(self) -> None:
         store = self.hub.store
-        while self.replaying and not self._held:
+        while self.replaying and not self._held and self._reading is None:
+            if self._backlog is not None:
+                if not self._write_backlog():
+                    return  # held: resume() pumps on
+                continue
             oldest = store.oldest_id
             if self.cursor + 1 < oldest:
                 self.sink.reset("history no longer holds the events after that id", oldest)
                 self.cursor = oldest - 1
-            batch = store.after(self.cursor, self.filter, _REPLAY_BATCH)
-            i, n = 0, len(batch)
-            while i < n and not self._held:
-                j, size = i, 0
-                while j < n and size < _CHUNK_BYTES:
-                    size += batch[j].size
-                    j += 1
-                self._write(batch[i:j])
-                i = j
-            if i < n:
-                return  # held: resume() pumps on
-            if n < _REPLAY_BATCH:
-                # Nothing more matches in the store: caught up, go live.
+            batch = store.after_cached(self.cursor, self.filter, _REPLAY_BATCH)
+            if batch is None:
+                self._read()  # on disk: read off the reactor thread
+                continue
+            self._backlog, self._backlog_at = batch, 0
+            self._upto = batch[-1].id if batch else self.cursor
+            if not self._write_backlog():
+                return  # held: the rest is written, then the cache asked again
+            if len(batch) < _REPLAY_BATCH:
+                # Nothing more matches in the store, in this very turn: caught up, go live.
                 self.cursor = max(self.cursor, self.hub.last_id)
                 self.replaying = False
+                self._replayed()
+
+    def _write_backlog(self) -> bool:
+        """Write the backlog in chunks while the client takes them; whether all went."""
+        backlog, i = self._backlog or (), self._backlog_at
+        n = len(backlog)
+        while i < n:
+            if self._held:
+                self._backlog_at = i
+                return False
+            j, size = i, 0
+            while j < n and size < _CHUNK_BYTES:
+                size += backlog[j].size
+                j += 1
+            self._write(backlog if i == 0 and j == n else backlog[i:j])
+            i = j
+        if self.closed:
+            return False
+        self._backlog, self._backlog_at = None, 0
+        self.cursor = max(self.cursor, self._upto)  # what matched up to there is written
+        return True
+
+    def _read(self) -> None:
+        d = maybeDeferred(self.hub.store.read_after, self.cursor, self.filter, _REPLAY_BATCH)
+        self._reading = d  # before the callbacks: they may run at once
+        d.addCallbacks(self._read_back, self._read_failed)
+
+    def _read_back(self, page: Page) -> None:
+        self._reading = None
+        if self.closed:
+            return  # gone while the read was out
+        records = page.records
+        oldest = self.hub.store.oldest_id
+        if self.cursor + 1 < oldest:
+            # Trimmed while the read was out: it may have found them gone.
+            self.sink.reset("history no longer holds the events after that id", oldest)
+            self.cursor = oldest - 1
+        if records and records[0].id <= self.cursor:
+            records = records[bisect.bisect_right(records, self.cursor, key=_id) :]
+        self._backlog, self._backlog_at, self._upto = records, 0, max(page.upto, self.cursor)
+        self._pump()
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._reading = None
+        if self.closed:
+            return
+        last = self.cursor
+        why = failure.getErrorMessage()
+        _log.warn("a replay could not read the history: {why}", why=why)
+        self.hub.unsubscribe(self)
+        self.close()
+        self.sink.overflow(
+            f"the history could not be read ({why}); "
+            f"reconnect with Last-Event-ID/after = {last} to resume",
+            last,
+        )
 
 
-__all__ = ["DEFAULT_CLIENT_BUFFER", "SharedFormat", "Sink", "Source", "Subscription"]
+__all__ = ["DEFAULT_CLIENT_BUFFER", "History", "SharedFormat", "Sink", "Source", "Subscription"]

@@ -23,10 +23,23 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
+from attrs import frozen
 from twisted.internet.defer import Deferred
 
 from trainstream.store.filter import Filter, Match
 from trainstream.store.records import Point, Record, SeriesSummary, StoreHealth
+
+
+@frozen
+class Page:
+    """
+    What one read (``Store.read_after``) found: ``records``, in id order,
+    are every matching visible event with ``after_id < id <= upto``, so
+    the next read goes on after ``upto``, not after the last record.
+    """
+
+    records: list[Record]
+    upto: int
 
 
 class Store(Protocol):
@@ -49,8 +62,13 @@ class Store(Protocol):
         history.
         """
 
-    def append(self, records: Sequence[Record]) -> None:
-        """Keep ``records`` (ids strictly above ``last_id``, in order)."""
+    def append(self, records: Sequence[Record]) -> Deferred[list[Record]]:
+        """
+        Keep ``records`` (ids strictly above ``last_id``, in order). Fires,
+        in append order, once they are as durable as this store gets, with
+        those that were kept; only from then on do readers (``after``) see
+        them. Never fails: ``sync()`` tells publishers what was not kept.
+        """
 
     def start(self) -> None:
         """
@@ -62,9 +80,26 @@ class Store(Protocol):
 
     def after(self, after_id: int, match: Match, limit: int | None = None) -> list[Record]:
         """
-        Stored records with id above ``after_id`` that ``match``, in id
+        Stored (durable) records with id above ``after_id`` that ``match``, in id
         order, at most ``limit``. A :class:`Filter` may be answered from
         indexes: its cost need not grow with the history it does not match.
+        It may read the disk in the calling thread: the reactor thread uses
+        it only at start, or where ``after_cached`` says it need not.
+        """
+
+    def after_cached(self, after_id: int, flt: Filter, limit: int) -> list[Record] | None:
+        """
+        ``after(after_id, flt, limit)`` from memory alone (cheap, for the
+        reactor thread), or ``None`` when the answer needs the disk.
+        """
+
+    def read_after(self, after_id: int, flt: Filter, limit: int) -> Deferred[Page]:
+        """
+        Up to ``limit`` visible records after ``after_id`` that ``flt``
+        matches, read off the reactor thread (the disk is never waited on
+        there); only what was visible when it was asked, and after that what
+        memory still holds. Fires with the :class:`Page`; fails with
+        ``StoreError`` if the history cannot be read or is closed first.
         """
 
     def series(
@@ -99,8 +134,11 @@ class Store(Protocol):
         and whether any were dropped.
         """
 
-    def delete_run(self, run: str) -> int:
-        """Forget every stored event of ``run``; return how many there were."""
+    def delete_run(self, run: str) -> Deferred[int]:
+        """
+        Forget every stored event of ``run`` (after those appended before);
+        fires with how many there were once that is durable.
+        """
 
     def sync(self) -> Deferred[None]:
         """Fires once every event appended so far is durable (as durable as this store gets)."""
@@ -163,6 +201,7 @@ def downsample(points: Sequence[Point], max_points: int) -> tuple[list[Point], b
 __all__ = [
     "Filter",
     "Match",
+    "Page",
     "Point",
     "Record",
     "SeriesSummary",

@@ -11,6 +11,15 @@ lost and ids stay as given; meanwhile ``down`` says so, for health. A row
 SQLite cannot take is kept out of its transaction and only its ``sync()``
 callers are told; a batch the process refuses every time is given up after
 ``_ATTEMPTS``, with the same kind of error for its callers only.
+
+A full disk is not retried: its batch is refused at once (its publishers are
+waiting for an answer), ``down`` says the disk is full until a write fits
+again, and while idle the thread probes for room every ``_WATCH_INTERVAL``,
+so the server recovers by itself once space frees.
+
+The writer process inherits the file's lock (``lock_fd``): a server killed
+with ``kill -9`` leaves its writer to commit what it was sent, and the next
+server cannot take the file (and read where ids stand) until it has.
 """
 
 from __future__ import annotations
@@ -44,6 +53,13 @@ _STOP = object()
 _ATTEMPTS = 5
 #: Seconds between looks, while idle, at whether the writer process lives.
 _WATCH_INTERVAL = 0.5
+#: Bytes a probe takes (and gives back) to see if a full disk has room again.
+_PROBE_BYTES = 256 * 1024
+
+
+def disk_full(error: str) -> bool:
+    """Whether a write failed for want of space (SQLITE_FULL, ENOSPC)."""
+    return "database or disk is full" in error or "No space left" in error
 
 
 class _WriterGoneError(Exception):
@@ -66,9 +82,13 @@ class Feeder:
 
     The reactor thread calls ``put``, ``stop`` and reads ``down`` and
     ``child``; the rest runs in the thread, which reports back, in order,
-    through ``call_from_thread``: ``on_commit(last_id)`` (every id up to it
-    is committed or lost), ``on_trim(floor)`` and ``on_lost(first, last,
-    message)``. Once ``stop()`` returns, every report has been made.
+    through ``call_from_thread``: ``on_done(seq, last_id, deleted)`` (every
+    item up to ``seq`` is done: its events committed or lost, up to
+    ``last_id``, 0 if none; ``deleted`` maps each delete's seq to the events
+    it removed, or to why it failed), ``on_trim(floor)`` and ``on_lost(first,
+    last, message, full)`` (before the ``on_done`` of its batch; ``full``:
+    for want of disk space). Once ``stop()`` returns, every report has been
+    made.
     """
 
     def __init__(
@@ -76,15 +96,17 @@ class Feeder:
         path: str,
         last_id: int,
         call_from_thread: Callable[..., object],
-        on_commit: Callable[[int], None],
+        on_done: Callable[[int, int, dict[int, int | str]], None],
         on_trim: Callable[[int], None],
-        on_lost: Callable[[int, int, str], None],
+        on_lost: Callable[[int, int, str, bool], None],
         stats: WriterStats,
+        lock_fd: int = -1,
     ) -> None:
         self.path = path
         self.stats = stats
         self._call_from_thread = call_from_thread
-        self._on_commit = on_commit
+        self._on_done = on_done
+        self._lock_fd = lock_fd
         self._on_trim = on_trim
         self._on_lost = on_lost
         self._written = last_id  # the highest id the file is done with
@@ -93,6 +115,7 @@ class Feeder:
         self._closing = threading.Event()
         #: What is wrong with the writer process now (None: all is well).
         self.down: str | None = None
+        self._full = False  # the last write failed for want of space
         self._failures = 0  # in a row, for the pause between attempts
         self.child: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
@@ -117,9 +140,12 @@ class Feeder:
             raise
         self._thread = thread
 
-    def put(self, item: Sequence[Record] | tuple[Any, ...]) -> None:
-        """Queue a batch of records, ``("delete", run)`` or ``("trim", cutoff, limit)``."""
-        self._queue.put(item)
+    def put(self, seq: int, item: Sequence[Record] | tuple[Any, ...]) -> None:
+        """
+        Queue item ``seq`` (numbered in order by the caller): a batch of
+        records, ``("delete", run)`` or ``("trim", cutoff, limit)``.
+        """
+        self._queue.put((seq, item))
 
     def stop(self) -> None:
         """
@@ -170,6 +196,7 @@ class Feeder:
             stdout=subprocess.PIPE,
             env=self._env,
             start_new_session=True,
+            pass_fds=(self._lock_fd,) if self._lock_fd >= 0 else (),
         )
 
     def _write_loop(self) -> None:
@@ -194,27 +221,34 @@ class Feeder:
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in items)
+            queued = [item for item in items if item is not _STOP]
+            if not queued:
+                continue
             try:
-                self._write_batch(items, series)
+                self._write_batch(queued, series)
             except Exception:  # a bug: lose this batch, never the store
                 series.clear()
                 _log.failure("history file {path}: writing a batch failed", path=self.path)
-                batches = [i for i in items if i is not _STOP and not isinstance(i, tuple)]
-                if batches:
-                    first, last = batches[0][0].id, batches[-1][-1].id
-                    self._give_up(first, last, "an internal error", last - first + 1)
+                batches = [i for _, i in queued if not isinstance(i, tuple)]
+                first = batches[0][0].id if batches else 0
+                last = batches[-1][-1].id if batches else 0
+                deletes = [s for s, i in queued if isinstance(i, tuple) and i[0] == "delete"]
+                self._give_up(
+                    queued[-1][0], first, last, "an internal error", last - first + 1, deletes
+                )
         self._stop_child()
 
-    def _write_batch(self, items: list[Any], series: dict[tuple[str, str], list[Any]]) -> None:
+    def _write_batch(
+        self, items: list[tuple[int, Any]], series: dict[tuple[str, str], list[Any]]
+    ) -> None:
         ops: list[tuple[Any, ...]] = []
         trims: list[tuple[float | None, int | None]] = []
+        deletes: list[int] = []  # the seq of each delete op, in order
         rows: list[tuple[Any, ...]] = []
         bad: list[tuple[int, str]] = []
         first = last = 0
         pending = False  # records since the last op
-        for item in items:  # in queue order: a delete after inserts sees them
-            if item is _STOP:
-                continue
+        for seq, item in items:  # in queue order: a delete after inserts sees them
             if isinstance(item, tuple) and item[0] == "trim":
                 trims.append((item[1], item[2]))
             elif isinstance(item, tuple):
@@ -222,7 +256,8 @@ class Feeder:
                     ops.append(rows_op(rows, series, last))
                     rows, pending = [], False
                 ops.append(item)
-            else:
+                deletes.append(seq)
+            elif item:
                 add_rows(item, rows, series, bad)
                 first = first or item[0].id
                 last = item[-1].id
@@ -235,52 +270,66 @@ class Feeder:
             message = f"history file {self.path}: event {event_id} cannot be stored: {problem}"
             _log.error("{problem}", problem=message)
             self._lose(event_id, event_id, message)
-        if ops or trims:
-            self._commit(ops, trims, first, last)
+        self._commit(items[-1][0], ops, trims, deletes, first, last)
 
     def _commit(
         self,
+        seq: int,
         ops: list[tuple[Any, ...]],
         trims: list[tuple[float | None, int | None]],
+        deletes: list[int],
         first: int,
         last: int,
     ) -> None:
         """
-        Have one batch committed, whatever it takes: a writer process that
-        died is replaced and sent the batch again (unless the file shows it
-        had committed it). Given up after ``_ATTEMPTS``.
+        Have items up to ``seq`` committed in one transaction, whatever it
+        takes: a writer process that died is replaced and sent the batch
+        again (unless the file shows it had committed it). Given up after
+        ``_ATTEMPTS``, or at once on a full disk.
         """
         attempt = 0
+        counts: list[int] = []
         while True:
             attempt += 1
             try:
-                _, error, floors = self._exchange((ops, trims))
+                _, error, floors, counts = self._exchange((ops, trims))
             except _WriterGoneError as e:
                 self._died(str(e))
                 if last and ops and self._disk_last_id() >= last:
-                    ops = []  # it had committed them: only the trims are left
+                    # It had committed them: only the trims are left. What
+                    # its deletes removed is not known; they did happen.
+                    ops = []
+                    counts = [0] * len(deletes)
                 reason = f"the writer process {e}"
             else:
                 if error is None:
                     break
                 # The transaction was rolled back: nothing of it is stored.
                 self._failures += 1
+                if disk_full(error):
+                    self._full = True
+                    self.down = (
+                        f"history file {self.path}: the disk is full ({error}); "
+                        "new events are refused until space frees"
+                    )
+                    _log.error("{problem}", problem=self.down)
+                    rows = sum(len(op[1]) for op in ops if op[0] == "rows")
+                    self._give_up(seq, first, last, "the disk is full", rows, deletes, trims)
+                    return
                 reason = f"write failed: {error}"
                 self.down = f"history file {self.path}: {reason}; retrying"
                 _log.error("{problem}", problem=self.down)
             if attempt >= _ATTEMPTS:
                 rows = sum(len(op[1]) for op in ops if op[0] == "rows")
                 reason = f"{reason}; tried {_ATTEMPTS} times"
-                self._give_up(first, last, reason, rows, len(trims) > 0)
+                self._give_up(seq, first, last, reason, rows, deletes, trims)
                 return
             self._pause()
-        if self.down is not None:
-            _log.info("history file {path}: the writer is back", path=self.path)
-        self.down = None
-        self._failures = 0
+        self._back()
         if last:
             self._written = last
-            self._report(self._on_commit, last)
+        done = dict(zip(deletes, counts or [0] * len(deletes), strict=True))
+        self._report(self._on_done, seq, last, done)
         for floor in floors:
             if isinstance(floor, str):  # the retention failed: the floor stays
                 _log.error("history file {path}: {e}", path=self.path, e=floor)
@@ -314,11 +363,30 @@ class Feeder:
         self.down = f"history file {self.path}: the writer process {reason}; restarting it"
         _log.error("{problem}", problem=self.down)
 
+    def _back(self) -> None:
+        """A write went through: whatever was wrong is over."""
+        if self.down is not None:
+            _log.info("history file {path}: the writer is back", path=self.path)
+        self.down = None
+        self._full = False
+        self._failures = 0
+
     def _watch(self) -> None:
-        """Idle: if the writer process died, start another now, not at the next batch."""
+        """
+        Idle: if the writer process died, start another now, not at the next
+        batch; if the disk was full, see whether it has room again.
+        """
         child = self.child
         code = None if child is None else child.poll()
         if child is not None and code is None:
+            if self._full:
+                try:
+                    _, error, _, _ = self._exchange(([("probe", _PROBE_BYTES)], []))
+                except _WriterGoneError as e:
+                    self._died(str(e))
+                    return
+                if error is None:
+                    self._back()
             return
         if code is not None:
             self._died(_exit_text(code))
@@ -329,9 +397,8 @@ class Feeder:
         except _WriterGoneError as e:
             self._died(str(e))
             return
-        _log.info("history file {path}: the writer is back", path=self.path)
-        self.down = None
-        self._failures = 0
+        if not self._full:
+            self._back()
 
     def _pause(self) -> None:
         """Between attempts: longer the more failed in a row (none once closing)."""
@@ -349,33 +416,55 @@ class Feeder:
             return -1
         return int(row[0]) if row else -1
 
-    def _give_up(self, first: int, last: int, reason: str, rows: int, trims: bool = False) -> None:
+    def _give_up(
+        self,
+        seq: int,
+        first: int,
+        last: int,
+        reason: str,
+        rows: int,
+        deletes: Sequence[int] = (),
+        trims: Sequence[object] = (),
+    ) -> None:
         """
-        The last resort for a batch that fails every time: its ``rows``
-        events (ids ``first`` to ``last``) are lost, their ``sync()``
-        callers are told, and the batches after it go on. The file's last
-        id still moves past them, so no id is ever given twice.
+        The last resort for a batch that fails every time (or hits a full
+        disk): its ``rows`` events (ids ``first`` to ``last``) are not
+        stored, their ``sync()`` callers are told, no client was shown them,
+        and the batches after it go on. The file's last id is moved past
+        them if it can be, though no client ever saw those ids.
         """
+        full = reason == "the disk is full"
         if rows:
-            self.stats.events_lost += rows
-            message = (
-                f"history file {self.path}: events {first} to {last} could not be stored "
-                f"({reason}); they are lost"
-            )
+            if full:
+                message = (
+                    f"history file {self.path}: the disk is full ({_disk(self.path)}); "
+                    f"{rows} events were not stored: free space, then publish them again"
+                )
+            else:
+                self.stats.events_lost += rows
+                message = (
+                    f"history file {self.path}: events {first} to {last} could not be stored "
+                    f"({reason}); they are lost"
+                )
             _log.error("{problem}", problem=message)
-            self._lose(first, last, message)
-            try:
-                self._exchange(([("rows", [], [], last)], []))
-            except _WriterGoneError as e:
-                self._died(str(e))
+            self._lose(first, last, message, full)
+            if not full:
+                try:
+                    self._exchange(([("rows", [], [], last)], []))
+                except _WriterGoneError as e:
+                    self._died(str(e))
         if last:
             self._written = max(self._written, last)
-            self._report(self._on_commit, last)
+        why = "the disk is full" if full else f"it could not be stored ({reason})"
+        failed: dict[int, int | str] = {
+            s: f"history file {self.path}: the delete was not done: {why}" for s in deletes
+        }
+        self._report(self._on_done, seq, last, failed)
         if trims:
             self._report(self._on_trim, 0)
 
-    def _lose(self, first: int, last: int, message: str) -> None:
-        self._report(self._on_lost, first, last, message)
+    def _lose(self, first: int, last: int, message: str, full: bool = False) -> None:
+        self._report(self._on_lost, first, last, message, full)
 
     def _stop_child(self) -> None:
         """After the last batch: the writer process ends once its stdin does."""
@@ -389,6 +478,18 @@ class Feeder:
         except OSError:
             pass  # gone already
         _reap(child, 30)
+
+
+def _disk(path: str) -> str:
+    """The filesystem holding ``path``, and its room: ``filesystem /srv, 0 bytes free``."""
+    mount = os.path.dirname(os.path.abspath(path))
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    try:
+        st = os.statvfs(mount)
+    except OSError:
+        return f"filesystem {mount}"
+    return f"filesystem {mount}, {st.f_bavail * st.f_frsize} bytes free"
 
 
 def _reap(child: subprocess.Popen[bytes], within: float = 2) -> int:

@@ -4,11 +4,14 @@ The durable history: SQLite in WAL mode, written off the reactor thread.
 The reactor never waits on disk for a write: ``append`` hands records to the
 writer thread (``feeder.py``), which has the writer process (``writer.py``)
 commit whatever has queued up in one transaction, then tells the reactor how
-far it got, and ``sync()`` Deferreds fire. An event is acknowledged (REST
-200, WebSocket ``ack``, ``flush()``) only once committed, so a crash of the
-process loses nothing acknowledged.
+far it got: each ``append()`` Deferred fires (in order, with what was
+stored) and ``sync()`` Deferreds fire. Nothing is visible before that: an
+event is shown (live clients, reads) and acknowledged (REST 200, WebSocket
+``ack``, ``flush()``, a delete's 200) only once committed, so a crash of the
+process takes back nothing anyone was told.
 
-The newest events also stay in memory (``cache_events``), so live clients,
+The newest committed events also stay in memory (``cache_bytes``, at most
+``cache_events``; each held once, as its JSON), so live clients,
 short replays and the runs registry rarely touch the disk; reads of the file
 (``reads.py``) go through indexes, so a filter that matches nothing costs no
 more on a long history than on a short one.
@@ -28,21 +31,41 @@ import os
 import sqlite3
 import subprocess
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from attrs import frozen
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 
-from trainstream.errors import StoreError
-from trainstream.store import reads
-from trainstream.store.cache import RecentEvents
+from trainstream.errors import DiskFullError, StoreError
+from trainstream.store import Page, reads
+from trainstream.store.cache import DEFAULT_CACHE_BYTES, RecentEvents
 from trainstream.store.feeder import Feeder, WriterStats
 from trainstream.store.filter import Filter, Match
 from trainstream.store.lock import FileLock
+from trainstream.store.readers import Readers, read_records
 from trainstream.store.records import Point, Record, SeriesSummary, StoreHealth
 from trainstream.store.rows import decode
-from trainstream.store.schema import migrate, read_meta
+from trainstream.store.schema import migrate, read_meta, translated
 from trainstream.store.writer import connect
+
+#: Rounds of the disk one ``read_after`` goes to at most while the cache
+#: drops what the round before stopped at (a fast ingest, a small cache).
+_READ_ROUNDS = 3
+
+
+@define
+class _Pending:
+    """
+    An item handed to the writer, not done yet: a batch of ``records``, or
+    the delete of ``run``; ``done`` fires once it is.
+    """
+
+    seq: int
+    records: Sequence[Record]
+    run: str | None = None
+    done: Deferred[Any] = field(factory=Deferred)
 
 
 @frozen
@@ -66,24 +89,34 @@ class SQLiteStore:
         path: str,
         call_from_thread: Callable[..., object],
         cache_events: int = 100_000,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.path = path
         self._call_from_thread = call_from_thread
         self._cache_events = cache_events
+        self._cache_bytes = cache_bytes
         self._open: _Open | None = None
         self._epoch: str | None = None
         self._last_id = 0
         self._floor = 1
-        self._cache = RecentEvents(cache_events)
+        self._cache = RecentEvents(max_bytes=cache_bytes, max_records=cache_events)
         self._appended = 0  # highest id handed to the writer
         self._done = 0  # highest id the writer is done with: committed, or given up (lost)
         # sync() callers: (what was done when it was called, the id it waits
         # for, its Deferred); and the id ranges given up, to fail theirs.
         self._waiters: list[tuple[int, int, Deferred[None]]] = []
-        self._lost: list[tuple[int, int, str]] = []
+        self._lost: list[tuple[int, int, str, bool]] = []  # (first, last, why, disk full)
         self._trims: list[Deferred[int]] = []
         self._now: Callable[[], float] = time.time
         self._stats = WriterStats()
+        # What was handed to the writer and is not done yet, in order: batches
+        # of records, fired with what was stored (then visible), and deletes.
+        self._seq = 0
+        self._pending: deque[_Pending] = deque()
+        self._visible = 0  # the newest id readers and live clients may see
+        self._reported: deque[tuple[int, int, dict[int, int | str]]] = deque()
+        self._reporting = False
+        self._readers: Readers | None = None  # read_after's threads, while open
 
     # Opening and closing
 
@@ -109,18 +142,17 @@ class SQLiteStore:
                 db = connect(path)
                 migrate(db, path)
                 meta = read_meta(db, path)
-            except sqlite3.DatabaseError as e:
-                raise StoreError(
-                    f"history file {path} is not a usable SQLite database: {e}"
-                ) from None
+            except sqlite3.Error as e:  # damaged (schema.damaged), or not readable at all
+                raise translated(path, e) from None
             feeder = Feeder(
                 path,
                 meta.last_id,
                 self._call_from_thread,
-                self._on_commit,
+                self._on_done,
                 self._on_trim,
                 self._on_lost,
                 self._stats,
+                lock.fd,
             )
             try:
                 feeder.start()
@@ -134,11 +166,14 @@ class SQLiteStore:
             lock.release()
             raise
         self._epoch = meta.epoch
-        self._last_id = self._appended = self._done = meta.last_id
+        self._last_id = self._appended = self._done = self._visible = meta.last_id
         self._floor = meta.floor
-        self._cache = RecentEvents(self._cache_events)
+        self._cache = RecentEvents(max_bytes=self._cache_bytes, max_records=self._cache_events)
         self._lost = []
+        self._pending = deque()
         self._open = _Open(db, lock, feeder)
+        self._readers = Readers(path, self._call_from_thread)
+        self._readers.start()
 
     def close(self) -> None:
         """
@@ -148,6 +183,9 @@ class SQLiteStore:
         opened, self._open = self._open, None
         if opened is None:
             return
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.stop()  # reads under way are ended, and fail
         try:
             opened.feeder.stop()  # every report is made: each sync() is answered
         finally:
@@ -162,6 +200,15 @@ class SQLiteStore:
                         "was known to be stored"
                     )
                 )
+            pending = self._pending  # emptied in place: a report being made may hold it
+            while pending:  # fired with nothing: none of it is known stored
+                entry = pending.popleft()
+                if entry.run is None:
+                    entry.done.callback([])
+                else:
+                    entry.done.errback(
+                        StoreError(f"history file {self.path}: closed before the delete was done")
+                    )
             trims, self._trims = self._trims, []
             for t in trims:
                 t.errback(StoreError(f"history file {self.path}: closed before retention ran"))
@@ -195,15 +242,26 @@ class SQLiteStore:
     def oldest_id(self) -> int:
         return self._floor
 
-    def append(self, records: Sequence[Record]) -> None:
-        if not records:
-            return
+    def append(self, records: Sequence[Record]) -> Deferred[list[Record]]:
+        """
+        Hand ``records`` to the writer; fires, in append order, once they
+        are committed, with those that were stored (a row SQLite cannot
+        take, or a batch given up, is left out). Only then do readers see
+        them; never fails (``sync()`` tells publishers what was lost).
+        """
         opened = self._open
         if opened is None:
             raise StoreError(self._not_open())
-        self._cache.extend(records)
+        if not records:
+            return succeed([])
         self._last_id = self._appended = records[-1].id
-        opened.feeder.put(records)
+        return self._put(opened, records, _Pending(self._seq + 1, records))
+
+    def _put(self, opened: _Open, item: Any, entry: _Pending) -> Deferred[Any]:
+        self._seq += 1
+        self._pending.append(entry)
+        opened.feeder.put(self._seq, item)
+        return entry.done
 
     def sync(self) -> Deferred[None]:
         """
@@ -239,21 +297,27 @@ class SQLiteStore:
 
     def after(self, after_id: int, match: Match, limit: int | None = None) -> list[Record]:
         """
-        A :class:`Filter` is answered from the indexes (committed events) and
-        the cache (the rest); any other predicate reads every event after
-        ``after_id`` (the registries, at start).
+        Only what is visible: committed, and offered to live clients. A
+        :class:`Filter` is answered from the indexes, with the cache giving
+        the records it holds; any other predicate reads every event after
+        ``after_id`` (the registries, at start). It reads the disk in the
+        calling thread: the reactor thread uses ``after_cached`` and
+        ``read_after`` instead.
         """
         db = self._db()
         if isinstance(match, Filter) and not match.matches_all:
+            if limit is not None:
+                cached = self.after_cached(after_id, match, limit)
+                if cached is not None:
+                    return cached
             return self._after_filter(db, after_id, match, limit)
         wanted = match.matches if isinstance(match, Filter) else match
         cache = self._cache
         first = cache.first_id
-        cache_start = self._last_id + 1 if first is None else first
+        cache_start = self._visible + 1 if first is None else first
         out: list[Record] = []
         if after_id + 1 < cache_start:
-            for row in reads.rows_between(db, after_id, cache_start):
-                record = decode(row)
+            for record in reads.records_between(db, after_id, cache_start):
                 if wanted(record):
                     out.append(record)
                     if limit is not None and len(out) >= limit:
@@ -265,10 +329,10 @@ class SQLiteStore:
     def _after_filter(
         self, db: sqlite3.Connection, after_id: int, flt: Filter, limit: int | None
     ) -> list[Record]:
-        # Up to ``committed`` the file answers, through its indexes; the cache,
+        # Up to what is visible the file answers, through its indexes; the cache,
         # where it holds them, gives the records (and is the authority on
         # what was dropped since: a deleted run, a batch given up).
-        committed = min(self._done, self._last_id)
+        committed = self._visible
         cache = self._cache
         first = cache.first_id
         cache_start = committed + 1 if first is None else first
@@ -284,8 +348,64 @@ class SQLiteStore:
             return limit is None or len(out) < limit
 
         reads.select(db, flt, after_id, committed, take)
-        cache.collect(max(after_id, committed), flt.matches, limit, out)
         return out
+
+    def _cache_start(self) -> int:
+        """The first id the cache answers for: it holds every visible event from it on."""
+        first = self._cache.first_id
+        return self._visible + 1 if first is None else first
+
+    def after_cached(self, after_id: int, flt: Filter, limit: int) -> list[Record] | None:
+        """
+        ``after`` from the cache alone, or ``None`` when events after
+        ``after_id`` are on disk only. Never touches the disk.
+        """
+        if self._epoch is None:
+            raise StoreError(self._not_open())
+        if after_id + 1 < self._cache_start():
+            return None
+        out: list[Record] = []
+        self._cache.collect(after_id, flt.matches, limit, out)
+        return out
+
+    def read_after(self, after_id: int, flt: Filter, limit: int) -> Deferred[Page]:
+        """
+        ``after``, with the disk read in a read thread (``readers.py``),
+        decoded there too. The file is read up to what was visible when
+        this was called and the cache then held (so nothing uncommitted,
+        and nothing given up or deleted since, is ever returned); the rest
+        comes from the cache when the answer is back, if it still holds it,
+        else from another round of the disk (a few at most: the page then
+        stops short, and ``Page.upto`` says where).
+        """
+        if self._open is None:
+            raise StoreError(self._not_open())
+        return self._read_round(after_id, flt, limit, [], _READ_ROUNDS)
+
+    def _read_round(
+        self, after_id: int, flt: Filter, limit: int, got: list[Record], rounds: int
+    ) -> Deferred[Page]:
+        readers = self._readers
+        if readers is None:
+            return succeed(Page(got, after_id))  # closed meanwhile: what was read
+        cached = self.after_cached(after_id, flt, limit - len(got))
+        if cached is not None:
+            got.extend(cached)
+            full = len(got) >= limit
+            return succeed(Page(got, got[-1].id if full else max(after_id, self._visible)))
+        if rounds == 0:
+            return succeed(Page(got, after_id))
+        # Captured here, in the reactor thread: the read cannot see past it.
+        upto = min(self._visible, self._cache_start() - 1)
+
+        def read(records: list[Record]) -> Page | Deferred[Page]:
+            got.extend(records)
+            if len(got) >= limit:
+                return Page(got, got[-1].id)
+            return self._read_round(upto, flt, limit, got, rounds - 1)
+
+        d = readers.run(read_records, flt, after_id, upto, limit - len(got))
+        return d.addCallback(read)
 
     def registry(self) -> tuple[list[Record], dict[tuple[str, str], SeriesSummary]]:
         """
@@ -322,32 +442,20 @@ class SQLiteStore:
     ) -> list[Point]:
         low = from_step if from_step is not None else -(2**63)
         high = to_step if to_step is not None else 2**63 - 1
-        points, on_disk = reads.series(self._db(), run, name, low, high, segment)
-        # Events not committed yet are in the cache only.
-        for record in self._cache.after(on_disk):
-            if (
-                record.type == "metric"
-                and record.run == run
-                and record.name == name
-                and (segment is None or record.segment == segment)
-            ):
-                event = record.event
-                step = event["step"]
-                if isinstance(step, int) and low <= step <= high:
-                    value, t = event["value"], event["time"]
-                    assert isinstance(value, int | float) and isinstance(t, float)
-                    points.append((step, float(value), t))
+        # Whatever a client may see is committed: the file has it all.
+        points, _ = reads.series(self._db(), run, name, low, high, segment)
         return points
 
-    def delete_run(self, run: str) -> int:
-        """Forget the run now (cache), and on disk in queue order."""
-        if self._open is None:
+    def delete_run(self, run: str) -> Deferred[int]:
+        """
+        Delete the run's events, after those appended before (in queue
+        order); fires with how many there were once the delete is
+        committed: until then readers still see them.
+        """
+        opened = self._open
+        if opened is None:
             raise StoreError(self._not_open())
-        count, on_disk = reads.run_count(self._open.db, run)
-        count += sum(1 for r in self._cache.after(on_disk) if r.run == run)
-        self._cache.keep(lambda r: r.run != run)
-        self._open.feeder.put(("delete", run))
-        return count
+        return self._put(opened, ("delete", run), _Pending(self._seq + 1, (), run))
 
     def trim(self, retain_days: float | None, max_db_mb: float | None) -> Deferred[int]:
         """
@@ -361,7 +469,8 @@ class SQLiteStore:
         self._trims.append(d)
         cutoff = None if retain_days is None else self._now() - retain_days * 86400
         limit = None if max_db_mb is None else int(max_db_mb * 1024 * 1024)
-        self._open.feeder.put(("trim", cutoff, limit))
+        self._seq += 1
+        self._open.feeder.put(self._seq, ("trim", cutoff, limit))
         return d
 
     def announce(self, urls: dict[str, str]) -> None:
@@ -378,22 +487,59 @@ class SQLiteStore:
         for d in trims:
             d.callback(self._floor)
 
-    def _on_lost(self, first: int, last: int, message: str) -> None:
+    def _on_lost(self, first: int, last: int, message: str, full: bool) -> None:
         """Events ``first`` to ``last`` will never be stored."""
-        self._lost.append((first, last, message))
-        self._cache.keep(lambda r: not first <= r.id <= last)
+        self._lost.append((first, last, message, full))
 
-    def _on_commit(self, done: int) -> None:
-        """The writer is done with every id up to ``done`` (committed, or lost)."""
+    def _forget_cached(self, run: str) -> None:
+        self._cache.keep(lambda r: r.run != run)
+
+    def _is_lost(self, event_id: int) -> bool:
+        return any(a <= event_id <= b for a, b, _, _ in self._lost)
+
+    def _on_done(self, seq: int, done: int, deleted: dict[int, int | str]) -> None:
+        """
+        The writer is done with every item up to ``seq``: ids up to ``done``
+        are committed or lost. Each batch becomes visible, in order, just
+        before its ``append()`` Deferred fires (so the Hub offers it to live
+        clients in the same turn as readers first see it).
+        """
+        self._reported.append((seq, done, deleted))
+        if self._reporting:
+            return  # a callback below re-entered (a close): the loop below takes it
+        self._reporting = True
+        try:
+            while self._reported:
+                self._done_through(*self._reported.popleft())
+        finally:
+            self._reporting = False
+
+    def _done_through(self, seq: int, done: int, deleted: dict[int, int | str]) -> None:
         self._done = max(self._done, done)
+        pending = self._pending
+        while pending and pending[0].seq <= seq:
+            entry = pending.popleft()
+            if entry.run is not None:
+                result = deleted.get(entry.seq, 0)
+                if isinstance(result, str):
+                    entry.done.errback(StoreError(result))
+                    continue
+                self._forget_cached(entry.run)
+                entry.done.callback(result)
+                continue
+            records = entry.records
+            stored = [r for r in records if not self._is_lost(r.id)] if self._lost else records
+            self._cache.extend(stored)
+            self._visible = records[-1].id
+            entry.done.callback(list(stored))
         ready = [w for w in self._waiters if w[1] <= self._done]
         self._waiters = [w for w in self._waiters if w[1] > self._done]
         for low, upto, d in ready:
-            lost = next((m for a, b, m in self._lost if a <= upto and b > low), None)
+            lost = next((r for r in self._lost if r[0] <= upto and r[1] > low), None)
             if lost is None:
                 d.callback(None)
             else:
-                d.errback(StoreError(lost))
+                d.errback((DiskFullError if lost[3] else StoreError)(lost[2]))
         if self._lost:
             # A later sync() starts above them: keep only what a waiter may need.
             lowest = min((low for low, _, _ in self._waiters), default=self._done)

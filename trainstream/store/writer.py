@@ -9,11 +9,14 @@ pipe and waits for the answer; the reactor thread never waits for either.
 
 Protocol (pickle frames, the parent is trusted): the parent sends ``(ops,
 trims)`` or ``None`` to stop; ``ops`` is a list of ``("rows", rows, series,
-last_id)`` and ``("delete", run)`` applied in order in one transaction,
-``trims`` a list of ``(cutoff_time, max_bytes)`` applied after it. The child
-answers ``(committed_last_id, error, floors)``: ``error`` (a string) when the
-transaction was rolled back, each floor the new oldest id, ``None`` for an
-empty history, or a string saying why that retention failed.
+last_id)``, ``("delete", run)`` and ``("probe", nbytes)`` applied in order in
+one transaction, ``trims`` a list of ``(cutoff_time, max_bytes)`` applied
+after it. The child answers ``(committed_last_id, error, floors, deleted)``:
+``error`` (a string) when the transaction was rolled back, each floor the
+new oldest id, ``None`` for an empty history, or a string saying why that
+retention failed; ``deleted`` the events each delete removed, in order. A
+probe takes ``nbytes`` of new pages and gives them back in the same
+transaction: whether the disk has room again after it was full.
 
 The process ignores SIGINT (a terminal's Ctrl-C is the server's to handle:
 it commits what is queued, then closes this process's stdin) and ends when
@@ -23,10 +26,12 @@ its stdin does, so it never outlives the server by more than a transaction.
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,9 +70,13 @@ def points(
     return [(r[2], r[3], r[8], r[4], r[5], r[6]) for r in rows if r[1] == "metric"]
 
 
-def apply(db: sqlite3.Connection, ops: Sequence[tuple[Any, ...]]) -> int:
-    """Apply ``ops`` in one transaction; the last id committed (0 if none)."""
+def apply(db: sqlite3.Connection, ops: Sequence[tuple[Any, ...]]) -> tuple[int, list[int]]:
+    """
+    Apply ``ops`` in one transaction: the last id committed (0 if none) and
+    how many events each delete removed.
+    """
     last = 0
+    deleted: list[int] = []
     db.execute("BEGIN")
     try:
         for op in ops:
@@ -77,18 +86,37 @@ def apply(db: sqlite3.Connection, ops: Sequence[tuple[Any, ...]]) -> int:
                 rollup.update(db, points(rows))
                 db.executemany(UPSERT_SERIES, series)
                 last = last_id
+            elif op[0] == "probe":
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('space_probe', zeroblob(?))",
+                    (op[1],),
+                )
+                db.execute("DELETE FROM meta WHERE key = 'space_probe'")
             else:  # ("delete", run): after the inserts queued before it
                 run = op[1]
-                db.execute("DELETE FROM events WHERE run = ?", (run,))
+                removed = db.execute("DELETE FROM events WHERE run = ?", (run,)).rowcount
                 db.execute("DELETE FROM series WHERE run = ?", (run,))
                 rollup.delete_run(db, run)
+                deleted.append(removed)
         if last:
             db.execute("UPDATE meta SET value = ? WHERE key = 'last_id'", (str(last),))
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        _rollback(db)
         raise
-    return last
+    return last, deleted
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """
+    Undo the open transaction, if SQLite has not already (it does on a full
+    disk): a failing ROLLBACK must not hide the error that caused it.
+    """
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def trim(db: sqlite3.Connection, cutoff: float | None, limit: int | None) -> int | None:
@@ -131,9 +159,65 @@ def _delete_through(db: sqlite3.Connection, last_id: int) -> None:
     db.execute("COMMIT")
 
 
+#: For tests: cap the file at this many pages, as if the disk were that small
+#: (SQLite's ``max_page_count``; a write past it fails as a full disk does).
+MAX_PAGES_ENV = "TRAINSTREAM_TEST_MAX_PAGES"
+
+
+class Checkpointer:
+    """
+    Copies the WAL back into the file beside the writer, never in its way.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses 1,000
+    pages of WAL: that commit took about 30 ms, and since clients see a batch
+    only once it is committed, every one of them waited for it (the p99 of
+    ``bench/latency.py``). Here the writer's connection does not checkpoint;
+    a thread of this process does, PASSIVE (it never blocks the writer), on
+    a connection of its own, at most every ``interval`` seconds after a
+    commit. SQLite's checkpoint code runs without the GIL.
+    """
+
+    def __init__(self, path: str, interval: float = 0.25) -> None:
+        self._path = path
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """A commit was made: checkpoint soon."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=5000")
+        try:
+            while not self._stopping.is_set():
+                self._wake.wait()
+                self._wake.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:
+                    pass  # busy or full: the next commit asks again
+                self._stopping.wait(self._interval)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(30)
+
+
 def main(path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     db = connect(path)
+    db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's job
+    checkpointer = Checkpointer(path)
+    pages = os.environ.get(MAX_PAGES_ENV)
+    if pages:
+        db.execute(f"PRAGMA max_page_count = {int(pages)}")
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
@@ -145,8 +229,9 @@ def main(path: str) -> None:
         ops, trims = message
         error: str | None = None
         last = 0
+        deleted: list[int] = []
         try:
-            last = apply(db, ops)
+            last, deleted = apply(db, ops)
         except Exception as e:  # rolled back; the server decides what next
             error = f"{type(e).__name__}: {e}" if not isinstance(e, sqlite3.Error) else str(e)
         floors: list[int | str | None] = []
@@ -154,11 +239,13 @@ def main(path: str) -> None:
             try:
                 floors.append(trim(db, cutoff, limit))
             except Exception as e:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                _rollback(db)
                 floors.append(f"retention: {e}")
-        pickle.dump((last, error, floors), sink, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((last, error, floors, deleted), sink, protocol=pickle.HIGHEST_PROTOCOL)
         sink.flush()
+        if error is None:
+            checkpointer.poke()
+    checkpointer.stop()
     db.close()
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
+from trainstream.errors import DiskFullError, StoreError
 from trainstream.events import EVENT_TYPES, encode_json
 from trainstream.store.filter import Filter
 
@@ -51,6 +53,18 @@ def json_response(request: IRequest, obj: object, code: int = 200) -> bytes:
 def error_response(request: IRequest, code: int, message: str, **extra: object) -> bytes:
     """An error answer: ``{"error": message, ...extra}`` with ``code``."""
     return json_response(request, {"error": message, **extra}, code)
+
+
+def store_failed(request: IRequest, failure: Failure) -> bytes:
+    """
+    The answer when the history could not do what was asked (nothing of it
+    was stored): 507 for a full disk, else 503; both say to try again.
+    """
+    failure.trap(StoreError)
+    error = failure.value
+    code = 507 if isinstance(error, DiskFullError) else 503
+    request.setHeader(b"retry-after", b"5")
+    return error_response(request, code, str(error))
 
 
 def bad_query(request: IRequest, error: BadQueryError) -> bytes:

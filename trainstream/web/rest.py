@@ -31,6 +31,7 @@ from trainstream.web.query import (
     json_bytes,
     json_response,
     query_filter,
+    store_failed,
 )
 
 _log = Logger()
@@ -189,7 +190,8 @@ class RestApi:
             return json_response(request, e.to_json(), 400)
         answer = {"accepted": accepted, "first_id": first_id, "last_id": last_id}
         # 200 means stored: answer once the history has committed the batch.
-        return hub.store.sync().addCallback(lambda _: json_response(request, answer))
+        d = hub.store.sync().addCallback(lambda _: json_response(request, answer))
+        return d.addErrback(lambda f: store_failed(request, f))
 
     @app.route("/events", methods=["GET"])
     def get_events(self, request: Request) -> bytes | Deferred[bytes]:
@@ -202,13 +204,20 @@ class RestApi:
         except BadQueryError as e:
             return bad_query(request, e)
         hub = self.backend.hub
-        last_id = hub.last_id
 
         def page(records: list[Record]) -> bytes:
             body = ",".join(r.json for r in records)
+            # As of the answer: a read off the reactor thread may end in newer events.
+            last_id = max(hub.last_id, records[-1].id if records else 0)
             return json_bytes(request, f'{{"events":[{body}],"last_id":{last_id}}}'.encode())
 
-        return maybeDeferred(hub.store.after, after, flt, limit).addCallback(page)
+        # The reactor thread reads memory only; the disk is read off it.
+        cached = hub.store.after_cached(after, flt, limit)
+        if cached is not None:
+            return page(cached)
+        d = maybeDeferred(hub.store.read_after, after, flt, limit)
+        answer = d.addCallback(lambda read: page(read.records))
+        return answer.addErrback(lambda f: store_failed(request, f))
 
     @app.route("/runs", methods=["GET"])
     def list_runs(self, request: Request) -> bytes:
@@ -240,15 +249,19 @@ class RestApi:
             return json_response(request, info.detail())
         return self._metric_series(request, run, name)
 
-    def _delete_run(self, request: Request, run: str) -> bytes:
-        removed = self.backend.runs.delete(run)
-        if removed is None:
-            return _no_run(request, run)
-        ranks = self.backend.ranks
-        if ranks is not None:
-            ranks.forget(run)
-        _log.info("run {run} deleted ({n} events)", run=run, n=removed)
-        return json_response(request, {"run": run, "deleted": removed})
+    def _delete_run(self, request: Request, run: str) -> Deferred[bytes]:
+        def deleted(removed: int | None) -> bytes:
+            if removed is None:
+                return _no_run(request, run)
+            ranks = self.backend.ranks
+            if ranks is not None:
+                ranks.forget(run)
+            _log.info("run {run} deleted ({n} events)", run=run, n=removed)
+            return json_response(request, {"run": run, "deleted": removed})
+
+        # 200 once the delete is committed: a crash cannot bring the run back.
+        d = self.backend.runs.delete(run).addCallback(deleted)
+        return d.addErrback(lambda f: store_failed(request, f))
 
     def _metric_series(self, request: Request, run: str, name: str) -> bytes | Deferred[bytes]:
         args = request.args or {}
@@ -282,7 +295,8 @@ class RestApi:
                 request, {"run": run, "name": name, "points": kept, "downsampled": downsampled}
             )
 
-        return store.sync().addCallback(answer)
+        # A failed sync means events were not stored: the history is still read.
+        return store.sync().addBoth(answer).addErrback(lambda f: store_failed(request, f))
 
     # Distributed ranks (trainstream.ranks)
 

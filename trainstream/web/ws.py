@@ -11,9 +11,11 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer, noLongerProvides
 
 from trainstream._version import __version__
+from trainstream.errors import DiskFullError, StoreError
 from trainstream.events import MAX_BODY_BYTES, EventError, decode_json, encode_json
 from trainstream.hub import Hub
 from trainstream.store import Record
@@ -154,7 +156,9 @@ class StreamSession(WebSocketServerProtocol):
             accepted, first, last = hub.accept(message.get("events"))
             ack = {"op": "ack", "accepted": accepted, "first_id": first, "last_id": last}
             # An ack means stored: send it once the history has committed.
-            hub.store.sync().addCallback(lambda _: self._send_if_open(ack))
+            # If it could not be (a full disk), say so; the connection stays.
+            d = hub.store.sync().addCallback(lambda _: self._send_if_open(ack))
+            d.addErrback(self._store_failed, first, last)
         elif op == "ping":
             self.send_json({"op": "pong", "nonce": message.get("nonce")})
         else:
@@ -204,6 +208,18 @@ class StreamSession(WebSocketServerProtocol):
             self._deadline.cancel()
         self._unsubscribe()
         self.factory.clients.ws.discard(self)
+
+    def _store_failed(self, failure: Failure, first: int, last: int) -> None:
+        failure.trap(StoreError)
+        self._send_if_open(
+            {
+                "op": "error",
+                "error": str(failure.value),
+                "disk_full": isinstance(failure.value, DiskFullError),
+                "first_id": first,
+                "last_id": last,
+            }
+        )
 
     def _send_if_open(self, obj: dict[str, object]) -> None:
         if self.state == WebSocketProtocol.STATE_OPEN:
