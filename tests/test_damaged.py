@@ -15,13 +15,11 @@ import itertools
 import json
 import os
 import random
-import selectors
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +28,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.test_store_recovery import child_env, read_until
 from trainstream.__main__ import main
 from trainstream.errors import StoreError
 from trainstream.events import encode_event
@@ -43,7 +42,6 @@ from trainstream.store.schema import migrate
 from trainstream.store.sqlite import SQLiteStore
 from trainstream.store.writer import apply, connect
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 LISTEN = "tcp:0:interface=127.0.0.1"
 METRICS = 3000  # metric events of run "r" (steps 0..2999); run "q" has every 10th step
@@ -552,30 +550,6 @@ def meta_of(path: str) -> dict[str, str]:
 
 
 # Real processes: twistd, an embedded script
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def read_until(process: subprocess.Popen[bytes], marker: bytes, within: float) -> bytes:
-    """What ``process`` wrote on stdout up to ``marker`` (bounded)."""
-    assert process.stdout is not None
-    seen = b""
-    deadline = time.monotonic() + within
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        while marker not in seen:
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
-                raise AssertionError(f"no {marker!r} within {within} s; got {seen!r}")
-            chunk = os.read(process.stdout.fileno(), 65536)
-            if not chunk:
-                raise AssertionError(f"ended before {marker!r}; got {seen!r}")
-            seen += chunk
-    return seen
 
 
 def get(url: str) -> Any:
