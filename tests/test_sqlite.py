@@ -385,6 +385,34 @@ class RegistryRestartTests(TestCase):
         return Deferred.fromCoroutine(go())
 
 
+class LogOnlyRunTests(TestCase):
+    def test_a_run_of_logs_only_is_known_after_a_restart(self) -> Deferred[None]:
+        from trainstream.server import StreamServer
+
+        path = self.mktemp() + ".sqlite3"
+        config = {"db": path, "listen": "tcp:0:interface=127.0.0.1"}
+
+        async def go() -> None:
+            first = StreamServer(config, reactor)
+            await first.start()
+            first.hub.accept([log(i, "chatty") for i in range(50)] + [log(0, "once")])
+            await first.store.sync()
+            live = {info.run: info.detail() for info in first.runs.all()}
+            await first.stop()
+            first.close()
+            second = StreamServer(config, reactor)
+            self.addCleanup(second.close)
+            await second.start()
+            self.addCleanup(second.stop)
+            rebuilt = {info.run: info.detail() for info in second.runs.all()}
+            self.assertEqual(sorted(rebuilt), ["chatty", "once"])
+            for run in rebuilt:
+                for key in ("state", "created", "updated"):
+                    self.assertEqual(rebuilt[run][key], live[run][key], (run, key))
+
+        return Deferred.fromCoroutine(go())
+
+
 class SQLiteHistoryRestTests(TestCase):
     """Metric history over REST from the SQLite rollups: spikes, segments, fresh points."""
 

@@ -387,10 +387,28 @@ def records_between(db: sqlite3.Connection, after_id: int, before_id: int) -> It
 
 @_reading
 def registry(db: sqlite3.Connection) -> tuple[list[Record], dict[tuple[str, str], SeriesSummary]]:
-    """The status, hparams and alert events, and each series' summary."""
+    """
+    The status, hparams and alert events, and each series' summary; for a
+    run that has none of those (only logs), its first and last event, so
+    the registry knows every run the file holds.
+    """
     rows = db.execute(
         f"SELECT {_COLUMNS} FROM events WHERE type IN ('status', 'hparams', 'alert') ORDER BY id"
     ).fetchall()
+    known = {row[2] for row in rows}
+    known.update(run for (run,) in db.execute("SELECT DISTINCT run FROM series"))
+    for run in distinct(db, "run", "events_run_type"):
+        if run in known:
+            continue
+        for order in ("ASC", "DESC"):
+            rows.extend(
+                db.execute(
+                    f"SELECT {_COLUMNS} FROM events INDEXED BY events_run_type "
+                    f"WHERE run = ? AND type = 'log' ORDER BY id {order} LIMIT 1",
+                    (run,),
+                )
+            )
+    rows = sorted({row[0]: row for row in rows}.values(), key=lambda row: row[0])
     summaries = {
         (run, name): SeriesSummary(
             count, step, math.nan if value is None else value, low, high, t, last_id
