@@ -28,7 +28,7 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_store_recovery import child_env, read_until
+from tests.test_store_recovery import read_until, start_child
 from trainstream.__main__ import main
 from trainstream.errors import StoreError
 from trainstream.events import encode_event
@@ -568,21 +568,7 @@ def post(url: str, events: list[dict[str, object]]) -> Any:
 
 class ProcessTests(SynchronousTestCase):
     def start(self, args: list[str]) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=child_env(),
-            start_new_session=True,
-        )
-
-        def kill() -> None:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
-            process.communicate(timeout=10)
-
-        self.addCleanup(kill)
-        return process
+        return start_child(self, args)
 
     def twistd(self, db: str) -> subprocess.Popen[bytes]:
         return self.start(

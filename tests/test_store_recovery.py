@@ -299,6 +299,25 @@ def read_until(process: subprocess.Popen[bytes], marker: bytes, within: float) -
     return seen
 
 
+def start_child(test: SynchronousTestCase, args: list[str]) -> subprocess.Popen[bytes]:
+    """``args`` in a session of its own (pipes, the repo importable); killed at cleanup."""
+    process = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        start_new_session=True,
+    )
+
+    def kill() -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+
+    test.addCleanup(kill)
+    return process
+
+
 EMBEDDED = textwrap.dedent(
     """
     import sys, time
@@ -327,21 +346,7 @@ class TerminalSignalTests(SynchronousTestCase):
     """
 
     def start(self, args: list[str]) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=child_env(),
-            start_new_session=True,
-        )
-
-        def kill() -> None:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.communicate(timeout=10)
-
-        self.addCleanup(kill)
-        return process
+        return start_child(self, args)
 
     def test_ctrl_c_in_an_embedded_script(self) -> None:
         """
