@@ -441,6 +441,50 @@ class SQLiteReplayTests(SynchronousTestCase):
         self.assertEqual(sink.ids, [1001])
 
 
+class UnreportedTrimTests(SynchronousTestCase):
+    def test_a_trim_the_reactor_has_not_heard_of_is_a_reset(self) -> None:
+        """
+        Retention has dropped ids 1-50 in the file, its report not yet run:
+        a replay from id 10 read in a read thread finds them gone, and the
+        client is told (a reset to 51) instead of silently missing them.
+        """
+        pump = Pump()
+        store = open_store(self, self.mktemp() + ".sqlite3", pump, cache_events=10)
+        hub = Hub(store)
+        now = time.time()
+        hub.accept([log("r", i) for i in range(50)])  # time 1.0: old
+        hub.accept([{**log("r", i), "time": now} for i in range(50, 100)])
+        pump.until(store.sync())
+        store.trim(1, None)  # older than a day
+        deadline = time.monotonic() + 10
+        while True:  # the writer has done it; its report waits in the pump
+            with sqlite3.connect(store.path) as db:
+                if db.execute("SELECT MIN(id) FROM events").fetchone()[0] == 51:
+                    break
+            self.assertLess(time.monotonic(), deadline, "retention did not run")
+            time.sleep(0.02)
+        self.assertEqual(store.oldest_id, 1)  # the reactor has not heard
+        held = []
+        assert store._open is not None
+        writer_reports = store._open.feeder._deliver
+        sink = FakeSink()
+        sub = hub.subscribe(sink, EVERYTHING)  # type: ignore[arg-type]
+        sub.start(10)
+        live = sub.live()
+        deadline = time.monotonic() + 10
+        while not live.called:  # run the read threads' answers, hold the writer's
+            self.assertLess(time.monotonic(), deadline, "the replay did not end")
+            f, args = pump.calls.get(timeout=5)
+            if getattr(f, "__func__", None) is getattr(writer_reports, "__func__", None):
+                held.append((f, args))
+            else:
+                f(*args)
+        self.assertEqual(sink.resets, [("history no longer holds the events after that id", 51)])
+        self.assertEqual(sink.ids, list(range(51, 101)))
+        for f, args in held:
+            f(*args)
+
+
 class MemoryReadTests(SynchronousTestCase):
     def test_memory_reads_are_at_once(self) -> None:
         store = MemoryStore()

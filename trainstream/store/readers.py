@@ -146,11 +146,13 @@ class Readers:
 
 def read_records(
     db: sqlite3.Connection, flt: Filter, after_id: int, upto: int, limit: int
-) -> list[Record]:
+) -> tuple[list[Record], int]:
     """
     Up to ``limit`` records with ``after_id < id <= upto`` that ``flt``
     matches, through the indexes (``reads.select``), decoded here (in the
-    read thread, not the reactor's).
+    read thread, not the reactor's); and the file's floor in the same
+    snapshot, so a retention the reactor has not heard of yet cannot make
+    events vanish from a replay unannounced.
     """
     out: list[Record] = []
 
@@ -158,8 +160,13 @@ def read_records(
         out.append(decode(row))
         return len(out) < limit
 
-    reads.select(db, flt, after_id, upto, take)
-    return out
+    db.execute("BEGIN")  # one snapshot for the floor and the rows
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'floor'").fetchone()
+        reads.select(db, flt, after_id, upto, take)
+    finally:
+        db.execute("COMMIT")
+    return out, int(row[0]) if row else 1
 
 
 __all__ = ["READ_THREADS", "Readers", "read_records"]

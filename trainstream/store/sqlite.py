@@ -398,7 +398,11 @@ class SQLiteStore:
         # Captured here, in the reactor thread: the read cannot see past it.
         upto = min(self._visible, self._cache_start() - 1)
 
-        def read(records: list[Record]) -> Page | Deferred[Page]:
+        def read(result: tuple[list[Record], int]) -> Page | Deferred[Page]:
+            records, floor = result
+            if floor > self._floor:  # a retention committed, not reported yet
+                self._floor = floor
+                self._cache.drop_below(floor)
             got.extend(records)
             if len(got) >= limit:
                 return Page(got, got[-1].id)
