@@ -485,6 +485,37 @@ class UnreportedTrimTests(SynchronousTestCase):
             f(*args)
 
 
+class DeletedDuringReadTests(SynchronousTestCase):
+    def test_a_run_deleted_while_a_read_was_out_is_not_shown(self) -> None:
+        """
+        The read thread has read run "gone" from the file; before its answer
+        is back, the delete of "gone" is committed and answered: the client
+        must not be shown events of a run the user was told is deleted.
+        """
+        pump = Pump()
+        store = open_store(self, self.mktemp() + ".sqlite3", pump, cache_events=10)
+        hub = Hub(store)
+        hub.accept([log("gone" if i % 2 else "kept", i) for i in range(100)])
+        pump.until(store.sync())
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        select = reads.select
+
+        def read_then_wait(*args: Any) -> None:
+            select(*args)
+            gate.wait(10)  # the rows are read; the answer waits for the delete
+
+        self.patch(reads, "select", read_then_wait)
+        sink = FakeSink()
+        sub = hub.subscribe(sink, EVERYTHING)  # type: ignore[arg-type]
+        sub.start(0)
+        live = sub.live()
+        self.assertEqual(pump.until(store.delete_run("gone")), 50)
+        gate.set()
+        pump.until(live)
+        self.assertEqual([r.run for r in sink.records], ["kept"] * 50)
+
+
 class MemoryReadTests(SynchronousTestCase):
     def test_memory_reads_are_at_once(self) -> None:
         store = MemoryStore()

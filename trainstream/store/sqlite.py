@@ -114,6 +114,7 @@ class SQLiteStore:
         self._seq = 0
         self._pending: deque[_Pending] = deque()
         self._visible = 0  # the newest id readers and live clients may see
+        self._deleted: list[str] = []  # runs deleted, in order (a read out meanwhile skips them)
         self._reported: deque[tuple[int, int, dict[int, int | str]]] = deque()
         self._reporting = False
         self._readers: Readers | None = None  # read_after's threads, while open
@@ -397,13 +398,15 @@ class SQLiteStore:
             return succeed(Page(got, after_id))
         # Captured here, in the reactor thread: the read cannot see past it.
         upto = min(self._visible, self._cache_start() - 1)
+        deletes = len(self._deleted)
 
         def read(result: tuple[list[Record], int]) -> Page | Deferred[Page]:
             records, floor = result
             if floor > self._floor:  # a retention committed, not reported yet
                 self._floor = floor
                 self._cache.drop_below(floor)
-            got.extend(records)
+            gone = set(self._deleted[deletes:])  # deleted (and answered) meanwhile
+            got.extend(r for r in records if r.run not in gone)
             if len(got) >= limit:
                 return Page(got, got[-1].id)
             return self._read_round(upto, flt, limit, got, rounds - 1)
@@ -529,6 +532,7 @@ class SQLiteStore:
                     entry.done.errback(StoreError(result))
                     continue
                 self._forget_cached(entry.run)
+                self._deleted.append(entry.run)
                 entry.done.callback(result)
                 continue
             records = entry.records
