@@ -150,9 +150,9 @@ def read_records(
     """
     Up to ``limit`` records with ``after_id < id <= upto`` that ``flt``
     matches, through the indexes (``reads.select``), decoded here (in the
-    read thread, not the reactor's); and the file's floor in the same
-    snapshot, so a retention the reactor has not heard of yet cannot make
-    events vanish from a replay unannounced.
+    read thread, not the reactor's); and the file's floor as of then, so
+    a retention the reactor has not heard of yet cannot make events vanish
+    from a replay unannounced.
     """
     out: list[Record] = []
 
@@ -160,12 +160,11 @@ def read_records(
         out.append(decode(row))
         return len(out) < limit
 
-    db.execute("BEGIN")  # one snapshot for the floor and the rows
-    try:
-        row = db.execute("SELECT value FROM meta WHERE key = 'floor'").fetchone()
-        reads.select(db, flt, after_id, upto, take)
-    finally:
-        db.execute("COMMIT")
+    reads.select(db, flt, after_id, upto, take)
+    # After the rows (the floor only rises): if a retention dropped some of
+    # what they skip, this floor is above them. No one transaction for both:
+    # a damaged page is stepped over by reads.select statement by statement.
+    row = db.execute("SELECT value FROM meta WHERE key = 'floor'").fetchone()
     return out, int(row[0]) if row else 1
 
 
