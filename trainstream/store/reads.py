@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from trainstream.store import downsample, rollup, schema
 from trainstream.store.filter import Filter
 from trainstream.store.records import Point, Record, SeriesSummary
-from trainstream.store.rows import RowError, decode, event_of
+from trainstream.store.rows import RowError, decode
 
 _log = Logger()
 _P = ParamSpec("_P")
@@ -356,25 +356,11 @@ def select(
             _bad_row(db, row, e)
 
 
-def rows_between(db: sqlite3.Connection, after_id: int, before_id: int) -> Iterator[Row]:
-    """
-    Every row with ``after_id < id < before_id``, in id order (read in
-    chunks); in a damaged file, without what cannot be read or decoded
-    (each said once).
-    """
-    for row in scan(db, _COLUMNS, after_id, before_id, _logged(db)):
-        try:
-            event_of(row)  # the caller decodes it: a row that is no event must not reach it
-        except RowError as e:
-            _bad_row(db, row, e)
-            continue
-        yield row
-
-
 def records_between(db: sqlite3.Connection, after_id: int, before_id: int) -> Iterator[Record]:
     """
-    ``rows_between`` decoded, each row once (``rows_between`` then
-    ``decode`` parses each row's JSON twice: about 12 us a row more).
+    Every record with ``after_id < id < before_id``, in id order (read in
+    chunks); in a damaged file, without what cannot be read or decoded
+    (each said once).
     """
     for row in scan(db, _COLUMNS, after_id, before_id, _logged(db)):
         try:
@@ -495,37 +481,16 @@ def segments(db: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, int]]:
     return {(run, name): (segment, step) for run, name, segment, step in rows}
 
 
-def _last_id(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()[0])
-
-
 @_reading
 def series(
     db: sqlite3.Connection, run: str, name: str, low: int, high: int, segment: int | None
-) -> tuple[list[Point], int]:
-    """The committed points of a series with ``low <= step <= high``; and the last id committed."""
-    db.execute("BEGIN")  # one snapshot for both reads
-    try:
-        on_disk = _last_id(db)
-        where = "type = 'metric' AND run = ? AND name = ? AND step BETWEEN ? AND ?"
-        params: tuple[Any, ...] = (run, name, low, high)
-        if segment is not None:
-            where, params = where + " AND segment = ?", (*params, segment)
-        rows = db.execute(
-            f"SELECT step, value, time FROM events WHERE {where} ORDER BY id", params
-        ).fetchall()
-    finally:
-        db.execute("COMMIT")
-    return [(step, math.nan if value is None else value, t) for step, value, t in rows], on_disk
-
-
-@_reading
-def run_count(db: sqlite3.Connection, run: str) -> tuple[int, int]:
-    """How many events of ``run`` are committed; and the last id committed."""
-    db.execute("BEGIN")
-    try:
-        on_disk = _last_id(db)
-        count = int(db.execute("SELECT COUNT(*) FROM events WHERE run = ?", (run,)).fetchone()[0])
-    finally:
-        db.execute("COMMIT")
-    return count, on_disk
+) -> list[Point]:
+    """The committed points of a series with ``low <= step <= high``, in id order."""
+    where = "type = 'metric' AND run = ? AND name = ? AND step BETWEEN ? AND ?"
+    params: tuple[Any, ...] = (run, name, low, high)
+    if segment is not None:
+        where, params = where + " AND segment = ?", (*params, segment)
+    rows = db.execute(
+        f"SELECT step, value, time FROM events WHERE {where} ORDER BY id", params
+    ).fetchall()
+    return [(step, math.nan if value is None else value, t) for step, value, t in rows]

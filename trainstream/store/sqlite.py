@@ -450,8 +450,7 @@ class SQLiteStore:
         low = from_step if from_step is not None else -(2**63)
         high = to_step if to_step is not None else 2**63 - 1
         # Whatever a client may see is committed: the file has it all.
-        points, _ = reads.series(self._db(), run, name, low, high, segment)
-        return points
+        return reads.series(self._db(), run, name, low, high, segment)
 
     def delete_run(self, run: str) -> Deferred[int]:
         """
