@@ -233,9 +233,8 @@ class Feeder:
                 first = batches[0][0].id if batches else 0
                 last = batches[-1][-1].id if batches else 0
                 deletes = [s for s, i in queued if isinstance(i, tuple) and i[0] == "delete"]
-                self._give_up(
-                    queued[-1][0], first, last, "an internal error", last - first + 1, deletes
-                )
+                lost = [("rows", [r for b in batches for r in b])]
+                self._give_up(queued[-1][0], first, last, "an internal error", lost, deletes)
         self._stop_child()
 
     def _write_batch(
@@ -313,16 +312,14 @@ class Feeder:
                         "new events are refused until space frees"
                     )
                     _log.error("{problem}", problem=self.down)
-                    rows = sum(len(op[1]) for op in ops if op[0] == "rows")
-                    self._give_up(seq, first, last, "the disk is full", rows, deletes, trims)
+                    self._give_up(seq, first, last, "the disk is full", ops, deletes, trims, True)
                     return
                 reason = f"write failed: {error}"
                 self.down = f"history file {self.path}: {reason}; retrying"
                 _log.error("{problem}", problem=self.down)
             if attempt >= _ATTEMPTS:
-                rows = sum(len(op[1]) for op in ops if op[0] == "rows")
                 reason = f"{reason}; tried {_ATTEMPTS} times"
-                self._give_up(seq, first, last, reason, rows, deletes, trims)
+                self._give_up(seq, first, last, reason, ops, deletes, trims)
                 return
             self._pause()
         self._back()
@@ -422,18 +419,20 @@ class Feeder:
         first: int,
         last: int,
         reason: str,
-        rows: int,
+        ops: Sequence[tuple[Any, ...]],
         deletes: Sequence[int] = (),
         trims: Sequence[object] = (),
+        full: bool = False,
     ) -> None:
         """
-        The last resort for a batch that fails every time (or hits a full
-        disk): its ``rows`` events (ids ``first`` to ``last``) are not
-        stored, their ``sync()`` callers are told, no client was shown them,
-        and the batches after it go on. The file's last id is moved past
-        them if it can be, though no client ever saw those ids.
+        The last resort for a batch that fails every time (or, ``full``,
+        hits a full disk): the events of its ``ops`` (ids ``first`` to
+        ``last``) are not stored, their ``sync()`` callers are told, no
+        client was shown them, and the batches after it go on. Unless the
+        disk is full, the file's last id is moved past them (no client ever
+        saw those ids).
         """
-        full = reason == "the disk is full"
+        rows = sum(len(op[1]) for op in ops if op[0] == "rows")
         if rows:
             if full:
                 message = (
