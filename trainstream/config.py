@@ -18,6 +18,10 @@ from attrs import frozen
 
 from trainstream.errors import ConfigError
 
+#: The environment variable a token is read from when none is given.
+TOKEN_ENV = "TRAINSTREAM_TOKEN"
+#: Fields whose values are secrets: never shown in a message.
+_SECRET_FIELDS = frozenset({"token", "read_token"})
 DEFAULT_SSE = "tcp:8888:interface=127.0.0.1"
 DEFAULT_WS = "tcp:8889:interface=127.0.0.1"
 DEFAULT_REST = "tcp:8890:interface=127.0.0.1"
@@ -72,9 +76,15 @@ def _positive(kind: type, optional: bool = False) -> Check:
     return check
 
 
-def _origins(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"config 'allow_origin' must be a list of strings, not {value!r}")
+def _strings(name: str) -> Check:
+    def check(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config {name!r} must be a list of strings, not {value!r}")
+
+    return check
+
+
+_origins = _strings("allow_origin")
 
 
 def _as_origins(value: Any) -> Any:
@@ -84,12 +94,28 @@ def _as_origins(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _hidden(value: object) -> str:
+    """The repr of a secret: whether there is one, never what it is."""
+    return "(hidden)" if value else repr(value)
+
+
 def _option(
-    default: Any, check: Check, help: str, cli: str | None = "param", kind: type = str
+    default: Any,
+    check: Check,
+    help: str,
+    cli: str | None = "param",
+    kind: type = str,
+    secret: bool = False,
 ) -> Any:
-    """A field: its default, its check, and how twistd offers it (``cli``: param, flag, None)."""
+    """
+    A field: its default, its check, and how twistd offers it (``cli``:
+    param, flag, None); a ``secret`` is never shown by the repr.
+    """
     return attrs.field(
-        default=default, validator=check, metadata={"help": help, "cli": cli, "kind": kind}
+        default=default,
+        validator=check,
+        repr=_hidden if secret else True,
+        metadata={"help": help, "cli": cli, "kind": kind},
     )
 
 
@@ -111,8 +137,21 @@ class Config:
         None, _string(True), "SQLite history file (default: in the user's data dir)."
     )
     memory: bool = _option(False, _flag, "Keep history in RAM only.", "flag")
-    token: str | None = _option(None, _string(True), "Require this bearer token.")
+    token: str | None = _option(None, _string(True), "Require this bearer token.", secret=True)
     token_file: str | None = _option(None, _string(True), "Read the bearer token from this file.")
+    read_token: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_as_origins,
+        validator=_strings("read_token"),
+        repr=_hidden,
+        metadata={"help": "A token that may read but not write (repeatable).", "cli": None},
+    )
+    read_token_file: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_as_origins,
+        validator=_strings("read_token_file"),
+        metadata={"help": "Read read tokens from this file, one a line (repeatable).", "cli": None},
+    )
     ports_file: str | None = _option(
         None, _string(True), "Write the bound URLs as JSON here once listening."
     )
@@ -162,6 +201,24 @@ class Config:
         "SQLite: drop the oldest events past this file size.",
         kind=float,
     )
+    header_timeout: float = _option(
+        10.0,
+        _positive(float),
+        "Seconds a request's line and headers may take to arrive; then the connection is closed.",
+        kind=float,
+    )
+    request_timeout: float = _option(
+        60.0,
+        _positive(float),
+        "Seconds a whole request (headers and body) may take to arrive.",
+        kind=float,
+    )
+    idle_timeout: float = _option(
+        60.0,
+        _positive(float),
+        "Seconds an idle keep-alive connection (not a stream) stays open.",
+        kind=float,
+    )
     access_log: bool = _option(
         False, _flag, "Log every request (default: not successful publishes).", "flag"
     )
@@ -199,9 +256,17 @@ class Config:
         return cls(**kwargs)
 
     def differences(self, other: Config) -> list[str]:
-        """Name every field where ``other`` differs from this config."""
+        """
+        Name every field where ``other`` differs from this config; tokens
+        are named, never shown (the text may reach a log).
+        """
+
+        def shown(name: str, value: object) -> str:
+            return _hidden(value) if name in _SECRET_FIELDS else repr(value)
+
         return [
-            f"{f.name}: running {getattr(self, f.name)!r}, requested {getattr(other, f.name)!r}"
+            f"{f.name}: running {shown(f.name, getattr(self, f.name))}, "
+            f"requested {shown(f.name, getattr(other, f.name))}"
             for f in attrs.fields(Config)
             if getattr(self, f.name) != getattr(other, f.name)
         ]
@@ -213,13 +278,16 @@ class Config:
         return [("sse", self.sse), ("ws", self.ws), ("rest", self.rest)]
 
     def resolve_token(self) -> str | None:
-        """The token in force, reading ``token_file`` if one is named."""
+        """
+        The token in force: ``token``, else the one in ``token_file``, else
+        ``$TRAINSTREAM_TOKEN`` (the two that keep it off command lines).
+        """
         if self.token is not None and self.token_file is not None:
             raise ConfigError("give --token or --token-file, not both")
         if self.token_file is None:
             if self.token == "":
                 raise ConfigError("--token is empty: give a non-empty token or none")
-            return self.token
+            return self.token if self.token is not None else os.environ.get(TOKEN_ENV) or None
         try:
             with open(self.token_file, encoding="utf-8") as f:
                 token = f.read().strip()
@@ -228,6 +296,38 @@ class Config:
         if not token:
             raise ConfigError(f"--token-file {self.token_file!r} is empty")
         return token
+
+    def resolve_read_tokens(self) -> tuple[str, ...]:
+        """
+        The read tokens in force: ``read_token`` and every line of each
+        ``read_token_file`` (blank lines and ``#`` comments skipped).
+
+        :raises ConfigError: for an unreadable or empty file, an empty token,
+            read tokens without a (write) token, or one equal to it.
+        """
+        tokens = list(self.read_token)
+        for path in self.read_token_file:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = [line.strip() for line in f]
+            except OSError as e:
+                raise ConfigError(f"cannot read --read-token-file {path!r}: {e.strerror}") from e
+            found = [line for line in lines if line and not line.startswith("#")]
+            if not found:
+                raise ConfigError(f"--read-token-file {path!r} holds no token")
+            tokens += found
+        if any(not t.strip() for t in tokens):
+            raise ConfigError("--read-token is empty: give a non-empty token")
+        if tokens:
+            token = self.resolve_token()
+            if token is None:
+                raise ConfigError(
+                    "--read-token needs --token (or --token-file): without a token "
+                    "anyone may write, so a read-only token would restrict nothing"
+                )
+            if token in tokens:
+                raise ConfigError("a --read-token must differ from --token")
+        return tuple(tokens)
 
 
 def cli_fields() -> list[attrs.Attribute[Any]]:

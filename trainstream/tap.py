@@ -43,6 +43,8 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["allow_origin"] = []
+        self["read_token"] = []
+        self["read_token_file"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
@@ -72,10 +74,19 @@ class Options(usage.Options):
         """Also accept WebSocket upgrades from this Origin (repeatable)."""
         self["allow_origin"].append(origin)
 
+    def opt_read_token(self, token: str) -> None:
+        """A token that may read (GET, SSE, WS subscribe, the page) but not write (repeatable)."""
+        self["read_token"].append(token)
+
+    def opt_read_token_file(self, path: str) -> None:
+        """Read tokens from this file, one a line (repeatable)."""
+        self["read_token_file"].append(path)
+
     def postOptions(self) -> None:
         try:
             self.config = config_from_options(self)
             self.config.resolve_token()
+            self.config.resolve_read_tokens()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -86,7 +97,8 @@ def config_from_options(options: Any) -> Config:
     for f in cli_fields():
         if f.metadata["cli"] == "flag":
             values[f.name] = bool(values[f.name])
-    values["allow_origin"] = list(options["allow_origin"])
+    for name in ("allow_origin", "read_token", "read_token_file"):
+        values[name] = list(options[name])
     return Config.from_value(values)
 
 
