@@ -26,6 +26,7 @@ from trainstream.events import (
     BodyTooLarge,
     EventError,
     Limits,
+    UnsupportedMediaType,
     decode_body,
     decode_json,
     encode_event,
@@ -144,11 +145,12 @@ valid_events = st.one_of(*EVENTS_BY_TYPE.values())
 lists = st.lists(st.integers(), max_size=2)
 dicts = st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)
 not_strings = st.one_of(st.integers(), st.floats(), st.booleans(), lists, dicts)
+# A float with no fraction in range is that integer (``3.0`` is 3).
 not_naturals = st.one_of(
     st.integers(max_value=-1),
     st.integers(min_value=INT_MAX + 1),
-    st.integers().map(float),
-    st.floats(),
+    st.integers(-(10**6), 10**6).map(lambda n: n + 0.5),
+    st.floats().filter(lambda f: not (f.is_integer() and 0 <= f <= INT_MAX)),
     st.booleans(),
     st.text(max_size=5),
     lists,
@@ -157,8 +159,8 @@ not_naturals = st.one_of(
 not_int64s = st.one_of(
     st.integers(max_value=INT_MIN - 1),
     st.integers(min_value=INT_MAX + 1),
-    st.integers().map(float),
-    st.floats(),
+    st.integers(-(10**6), 10**6).map(lambda n: n + 0.5),
+    st.floats().filter(lambda f: not (f.is_integer() and INT_MIN <= f <= INT_MAX)),
     st.booleans(),
     st.text(max_size=5),
     lists,
@@ -315,7 +317,7 @@ def mutate(data: st.DataObject, item: dict[str, object], kind: str | None = None
         step, fragment = draw(
             st.one_of(
                 st.integers(max_value=-1).map(lambda n: (n, ">= 0")),
-                st.integers(0, 10**6).map(lambda n: (float(n), "integer")),
+                st.integers(0, 10**6).map(lambda n: (n + 0.5, "integer")),
                 st.booleans().map(lambda b: (b, "integer")),
             )
         )
@@ -616,10 +618,19 @@ class InvalidEventTests(SynchronousTestCase):
 
     def test_step_examples(self) -> None:
         """
-        The protocol's own example message, and floats and bools as steps.
+        The protocol's own example message, and fractions and bools as steps.
+        A float with no fraction is that integer (JSON Schema and JavaScript
+        see no difference between ``3`` and ``3.0``).
         """
         item = dict(EXAMPLES["metric"])
-        for step, shown in [(-1, "-1"), (3.0, "3.0"), (True, "true"), ("3", '"3"')]:
+        self.assertEqual(validate_event({**item, "step": 3.0})["step"], 3)
+        self.assertIs(type(validate_event({**item, "step": 3.0})["step"]), int)
+        for step, shown in [
+            (-1, "-1"),
+            (3.5, "3.5"),
+            (True, "true"),
+            ("3", '"3"'),
+        ]:
             error = self.assert_refused(Mutation({**item, "step": step}, "step", "integer >= 0"), 3)
             self.assertEqual(
                 error.message,
@@ -792,8 +803,8 @@ class InvalidEventTests(SynchronousTestCase):
         for time, fragment in [
             (-1, "must be >= 0, got -1"),
             (-0.5, "must be >= 0, got -0.5"),
-            (math.nan, "must be a finite number, got nan"),
-            (-math.inf, "must be a finite number, got -inf"),
+            (math.nan, "must be a finite number, got NaN"),
+            (-math.inf, "must be a finite number, got -Infinity"),
             (True, "must be a number of Unix seconds, got true"),
             ("1", 'must be a number of Unix seconds, got "1"'),
             (2**63, "must fit in 64 bits"),
@@ -806,8 +817,8 @@ class InvalidEventTests(SynchronousTestCase):
         """
         item = dict(EXAMPLES["hparams"])
         for params, fragment in [
-            ({"lr": math.nan}, 'value of "lr" must be a finite number, got nan'),
-            ({"lr": -math.inf}, 'value of "lr" must be a finite number, got -inf'),
+            ({"lr": math.nan}, 'value of "lr" must be a finite number, got NaN'),
+            ({"lr": -math.inf}, 'value of "lr" must be a finite number, got -Infinity'),
             ({"n": 2**64}, 'value of "n" must fit in 64 bits'),
             ({"a": [1]}, 'value of "a" must be a string, number, boolean or null, got an array'),
             ({"a": {"b": 1}}, "got an object"),
@@ -902,7 +913,7 @@ class DecodeBodyTests(SynchronousTestCase):
     """
 
     def assert_body_refused(
-        self, body: bytes, fragment: str, content_type: str | None = None
+        self, body: bytes, fragment: str, content_type: str | None = "application/json"
     ) -> EventError:
         with self.assertRaises(EventError) as cm:
             decode_body(body, content_type)
@@ -921,15 +932,14 @@ class DecodeBodyTests(SynchronousTestCase):
 
     def test_content_types_accepted(self) -> None:
         """
-        JSON media types, with parameters and in any case, or no header.
+        JSON media types, with parameters and in any case.
         """
         for content_type in [
-            None,
             "application/json",
             "Application/JSON; charset=UTF-8",
             'application/json;charset="utf-8"',
             "application/vnd.trainstream+json",
-            "text/x.events+json; version=1",
+            "application/x.events+json; version=1",
         ]:
             self.assertEqual(decode_body(b"[1]", content_type), [1], content_type)
 
@@ -940,6 +950,8 @@ class DecodeBodyTests(SynchronousTestCase):
         for content_type in [
             "",
             "text/plain",
+            "text/x.events+json",
+            "multipart/form-data; boundary=x",
             "application/x-www-form-urlencoded",
             "application/jsonp",
             "application/+json",
@@ -953,6 +965,15 @@ class DecodeBodyTests(SynchronousTestCase):
         self.assert_body_refused(
             b"[1]", 'charset "latin-1" is not supported', "application/json; charset=latin-1"
         )
+
+    def test_missing_content_type_refused(self) -> None:
+        """
+        No Content-Type is refused (415): a page of another site may send
+        a body without one and no preflight.
+        """
+        with self.assertRaises(UnsupportedMediaType) as cm:
+            decode_body(b"[1]", None)
+        self.assertIn("Content-Type is missing", cm.exception.message)
 
     def test_invalid_utf8(self) -> None:
         """
@@ -1017,7 +1038,7 @@ class DecodeBodyTests(SynchronousTestCase):
         checked before anything else; a body at the limit is fine.
         """
         limits = Limits(max_body_bytes=10)
-        self.assertEqual(decode_body(b"[1,2,3,45]", None, limits), [1, 2, 3, 45])
+        self.assertEqual(decode_body(b"[1,2,3,45]", "application/json", limits), [1, 2, 3, 45])
         with self.assertRaises(BodyTooLarge) as cm:
             decode_body(b"\xff" * 11, "text/plain", limits)
         self.assertIsInstance(cm.exception, EventError)
@@ -1053,7 +1074,7 @@ class DecodeBodyTests(SynchronousTestCase):
         Arbitrary bytes never raise anything but :class:`EventError`.
         """
         try:
-            result = decode_body(body, None)
+            result = decode_body(body, "application/json")
         except EventError as e:
             self.assertTrue(e.message.startswith("body "), e.message)
         else:

@@ -17,6 +17,7 @@ duplicate keys in one JSON object are refused, over REST and WebSocket alike.
 from __future__ import annotations
 
 from trainstream.events.codec import (
+    UnsupportedMediaType,
     body_too_large,
     decode_body,
     decode_json,
@@ -63,6 +64,7 @@ __all__ = [
     "BodyTooLarge",
     "EventError",
     "Limits",
+    "UnsupportedMediaType",
     "body_too_large",
     "decode_body",
     "decode_json",

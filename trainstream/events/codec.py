@@ -159,24 +159,36 @@ def decode_json(
         refuse("is not valid JSON: a number has too many digits")
 
 
+class UnsupportedMediaType(EventError):  # noqa: N818 (named as HTTP names it)
+    """The body is not declared JSON: maps to HTTP 415."""
+
+
 def _check_content_type(content_type: str | None) -> None:
     """
-    Accept ``application/json``, ``*/*+json`` and a missing header.
+    Accept ``application/json`` and ``application/*+json`` only.
+
+    A missing header is refused too: a web page of any site may send a
+    "simple" cross-site request (no preflight) only as ``text/plain``, a
+    form, or with no type, so none of those may publish.
+
+    :raises UnsupportedMediaType: naming the type, or saying it is missing.
     """
     if content_type is None:
-        return
+        raise UnsupportedMediaType('Content-Type is missing: send the events as "application/json"')
     media_type, *params = content_type.split(";")
     kind, _, subtype = media_type.strip().lower().partition("/")
     plain = kind == "application" and subtype == "json"
-    suffixed = kind not in ("", "*") and len(subtype) > 5 and subtype.endswith("+json")
+    suffixed = kind == "application" and len(subtype) > 5 and subtype.endswith("+json")
     if not (plain or suffixed):
-        raise EventError(f'Content-Type {show(content_type)} is not JSON; send "application/json"')
+        raise UnsupportedMediaType(
+            f'Content-Type {show(content_type)} is not JSON; send "application/json"'
+        )
     for param in params:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset":
             charset = value.strip().strip('"').lower()
             if charset not in ("utf-8", "utf8"):
-                raise EventError(
+                raise UnsupportedMediaType(
                     f"Content-Type charset {json.dumps(charset)} is not "
                     f'supported; send UTF-8 and "charset=utf-8"'
                 )
@@ -202,6 +214,7 @@ def decode_body(
     :param content_type: the ``Content-Type`` header, ``None`` if absent;
         parameters such as ``charset=utf-8`` are allowed.
     :raises BodyTooLarge: if ``body`` is over ``limits.max_body_bytes``.
+    :raises UnsupportedMediaType: unless ``content_type`` is JSON.
     :raises EventError: for anything else wrong, naming the problem.
     """
     if len(body) > limits.max_body_bytes:

@@ -149,7 +149,8 @@ def show(value: object) -> str:
             return f"an integer of {value.bit_length()} bits"
         return repr(int(value))
     if isinstance(value, float):
-        return repr(float(value))
+        # A JSON number too large for a float (1e400) arrives as infinity.
+        return repr(float(value)) if math.isfinite(value) else non_finite_name(value)
     if isinstance(value, Mapping):
         return "an object"
     if isinstance(value, (list, tuple)):

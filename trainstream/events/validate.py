@@ -128,11 +128,15 @@ def _check_encodable(value: str, index: int, field: str, what: str) -> None:
 
 def _check_int(value: object, index: int, field: str, minimum: int = INT_MIN) -> int:
     """
-    Check an integer (not a bool, not a float) in ``[minimum, 2**63 - 1]``.
+    Check an integer (not a bool; a float only with no fraction, ``3.0``)
+    in ``[minimum, 2**63 - 1]``.
     """
     if type(value) is int:
         result = value
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        result = int(value)
+    elif type(value) is float and value.is_integer():
+        # ``170.0`` is an integer to JSON Schema and to JavaScript alike.
         result = int(value)
     else:
         bounds = f">= {minimum}" if minimum != INT_MIN else "in the 64-bit range"
