@@ -11,6 +11,8 @@ import copy
 from typing import Any
 
 from trainstream.events import (
+    INT_MAX,
+    INT_MIN,
     LEVELS,
     MAX_NAME_LENGTH,
     MAX_RUN_LENGTH,
@@ -25,7 +27,31 @@ def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _event_variant(kind: str, required: list[str], fields: dict[str, Any]) -> dict[str, Any]:
+def int64(minimum: int = INT_MIN, **extra: Any) -> dict[str, Any]:
+    """An integer from ``minimum`` to the 64-bit maximum (every integer an event holds)."""
+    return {"type": "integer", "minimum": minimum, "maximum": INT_MAX, **extra}
+
+
+def _number(minimum: float | None = None) -> dict[str, Any]:
+    """
+    A JSON number as the validator takes it: an integer literal must fit in
+    64 bits, a number with a fraction or exponent may be any finite float.
+    """
+    low = INT_MIN if minimum is None else int(minimum)
+    fraction: dict[str, Any] = {"type": "number", "not": {"type": "integer"}}
+    if minimum is not None:
+        fraction["minimum"] = minimum
+    return {"anyOf": [int64(low), fraction]}
+
+
+def _optional(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional field of a new event: ``null`` counts as absent."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _event_variant(
+    kind: str, required: list[str], fields: dict[str, Any], optional: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "type": "object",
         "title": f"{kind} event",
@@ -35,12 +61,13 @@ def _event_variant(kind: str, required: list[str], fields: dict[str, Any]) -> di
             "type": {"const": kind},
             "run": ref("RunName"),
             "time": {
-                "type": "number",
-                "minimum": 0,
+                **_number(0),
                 "description": "Unix seconds; the server sets it when absent",
             },
             **fields,
+            **optional,
         },
+        "x-optional": sorted(["time", *optional]),
     }
 
 
@@ -51,23 +78,16 @@ def _event_variants() -> list[dict[str, Any]]:
             ["name", "step", "value"],
             {
                 "name": ref("MetricName"),
-                "step": {"type": "integer", "minimum": 0},
+                "step": int64(0),
                 "value": ref("MetricValue"),
-                "rank": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "description": "the distributed-training process that logged it",
-                },
             },
+            {"rank": int64(0, description="the distributed-training process that logged it")},
         ),
         _event_variant(
             "status",
             ["state"],
-            {
-                "state": {"type": "string", "enum": sorted(STATES)},
-                "epoch": {"type": "integer"},
-                "message": {"type": "string"},
-            },
+            {"state": {"type": "string", "enum": sorted(STATES)}},
+            {"epoch": int64(), "message": {"type": "string"}},
         ),
         _event_variant(
             "log",
@@ -76,16 +96,13 @@ def _event_variants() -> list[dict[str, Any]]:
                 "level": {"type": "string", "enum": sorted(LEVELS)},
                 "message": {"type": "string"},
             },
+            {},
         ),
         _event_variant(
             "hparams",
             ["params"],
-            {
-                "params": {
-                    "type": "object",
-                    "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
-                }
-            },
+            {"params": ref("HParams")},
+            {},
         ),
         _event_variant(
             "alert",
@@ -93,21 +110,34 @@ def _event_variants() -> list[dict[str, Any]]:
             {
                 "kind": {"type": "string", "minLength": 1, "examples": ["nan", "stall"]},
                 "message": {"type": "string"},
-                "name": ref("MetricName"),
             },
+            {"name": ref("MetricName")},
         ),
     ]
 
 
+def _new_variant(variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant as a publisher sends it: each optional field may be ``null``."""
+    new = copy.deepcopy(variant)
+    for field in new.pop("x-optional"):
+        new["properties"][field] = _optional(new["properties"][field])
+    return new
+
+
 def _stored_variant(variant: dict[str, Any]) -> dict[str, Any]:
     stored = copy.deepcopy(variant)
+    del stored["x-optional"]
+    # Stored, time is a float, and a value any number: JSON Schema takes a
+    # float such as 1e19 for an integer, so no 64-bit bound can apply.
+    stored["properties"]["time"] = {"type": "number", "minimum": 0}
+    if "value" in stored["properties"]:
+        stored["properties"]["value"] = ref("StoredValue")
     stored["required"] = ["id", *stored["required"], "time"]
-    stored["properties"]["id"] = {"type": "integer", "minimum": 1}
+    stored["properties"]["id"] = int64(1)
     if stored["properties"]["type"]["const"] == "status":
-        stored["properties"]["rewind_to"] = {
-            "type": "integer",
-            "description": "added by the server when a run's steps go back",
-        }
+        stored["properties"]["rewind_to"] = int64(
+            0, description="added by the server when a run's steps go back"
+        )
     return stored
 
 
@@ -138,15 +168,33 @@ def schemas() -> dict[str, Any]:
             "examples": ["train/loss"],
         },
         "MetricValue": {
-            "description": "a number, or one of the strings JSON has no number for",
-            "oneOf": [
-                {"type": "number"},
+            "description": (
+                "a number (an integer fits in 64 bits), or one of the strings "
+                "JSON has no number for"
+            ),
+            "anyOf": [
+                *_number()["anyOf"],
                 {"type": "string", "enum": list(NON_FINITE)},
             ],
         },
+        "StoredValue": {
+            "description": "a metric value as the server answers it",
+            "anyOf": [{"type": "number"}, {"type": "string", "enum": list(NON_FINITE)}],
+        },
+        "HParams": {
+            "type": "object",
+            "description": "hyperparameters: non-empty names, JSON scalar values",
+            "propertyNames": {"minLength": 1},
+            "additionalProperties": {
+                "anyOf": [{"type": ["string", "boolean", "null"]}, *_number()["anyOf"]]
+            },
+        },
         "NewEvent": {
-            "description": "an event as a publisher sends it: no id; unknown fields are refused",
-            "oneOf": variants,
+            "description": (
+                "an event as a publisher sends it: no id; unknown fields are refused; "
+                "an optional field given as null counts as absent"
+            ),
+            "oneOf": [_new_variant(v) for v in variants],
             "discriminator": {"propertyName": "type"},
         },
         "Event": {
@@ -233,7 +281,7 @@ def schemas() -> dict[str, Any]:
             "properties": {
                 "count": {"type": "integer", "description": "every value, NaN included"},
                 "last_step": {"type": "integer"},
-                "last_value": ref("MetricValue"),
+                "last_value": ref("StoredValue"),
                 "min": {"type": ["number", "null"], "description": "over finite values"},
                 "max": {"type": ["number", "null"], "description": "over finite values"},
             },
@@ -267,7 +315,7 @@ def schemas() -> dict[str, Any]:
                         "type": "array",
                         "prefixItems": [
                             {"type": "integer"},
-                            ref("MetricValue"),
+                            ref("StoredValue"),
                             {"type": "number"},
                         ],
                         "minItems": 3,
@@ -275,6 +323,53 @@ def schemas() -> dict[str, Any]:
                     },
                 },
                 "downsampled": {"type": "boolean"},
+            },
+        },
+        "Ranks": {
+            "type": "object",
+            "required": ["run", "ranks", "metrics", "behind"],
+            "properties": {
+                "run": ref("RunName"),
+                "ranks": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "metrics": {
+                    "type": "object",
+                    "description": "per metric name: the latest step every rank has logged",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["step", "mean", "min", "max", "by_rank"],
+                        "properties": {
+                            "step": {"type": ["integer", "null"]},
+                            "mean": {"anyOf": [ref("StoredValue"), {"type": "null"}]},
+                            "min": {"anyOf": [ref("StoredValue"), {"type": "null"}]},
+                            "max": {"anyOf": [ref("StoredValue"), {"type": "null"}]},
+                            "by_rank": {
+                                "type": "object",
+                                "description": "rank -> [its latest step, its value]",
+                                "additionalProperties": {
+                                    "type": "array",
+                                    "prefixItems": [{"type": "integer"}, ref("StoredValue")],
+                                    "minItems": 2,
+                                    "maxItems": 2,
+                                },
+                            },
+                        },
+                    },
+                },
+                "behind": {
+                    "type": "array",
+                    "description": "ranks trailing the leading rank of a metric",
+                    "items": {
+                        "type": "object",
+                        "required": ["rank", "name", "step", "lead_step", "behind_by"],
+                        "properties": {
+                            "rank": {"type": "integer"},
+                            "name": ref("MetricName"),
+                            "step": {"type": "integer"},
+                            "lead_step": {"type": "integer"},
+                            "behind_by": {"type": "integer"},
+                        },
+                    },
+                },
             },
         },
         "Deleted": {

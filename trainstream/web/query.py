@@ -6,6 +6,7 @@ WebSocket alike, and every JSON answer and error body.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from twisted.python.failure import Failure
@@ -16,6 +17,9 @@ from trainstream.events import EVENT_TYPES, encode_json
 from trainstream.store.filter import Filter
 
 _INT64_MAX = 2**63 - 1
+#: An integer as a query parameter or header gives it: ASCII digits, an
+#: optional ``-``; no sign ``+``, no blanks, no ``_``, no other digits.
+_INTEGER_RE = re.compile(r"-?[0-9]{1,40}")
 
 Args = Mapping[bytes, Sequence[bytes]]
 
@@ -82,13 +86,8 @@ def values(args: Args, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def int_param(args: Args, name: str, minimum: int, maximum: int = _INT64_MAX) -> int | None:
-    """
-    The integer query parameter ``name`` in ``[minimum, maximum]``, or
-    ``None`` when absent.
-
-    :raises BadQueryError: naming ``name`` when it is repeated or not such an integer.
-    """
+def _single(args: Args, name: str) -> str | None:
+    """The one value of the parameter ``name``, or ``None`` when absent."""
     given = args.get(name.encode())
     if not given:
         return None
@@ -96,17 +95,48 @@ def int_param(args: Args, name: str, minimum: int, maximum: int = _INT64_MAX) ->
         raise BadQueryError(
             f"query parameter {name} is given {len(given)} times; give it once", name
         )
-    raw = given[0].decode("utf-8", "replace")
-    try:
-        value = int(raw.strip()) if raw.strip().lstrip("+-").isdigit() else None
-    except ValueError:  # over int()'s digit limit
-        value = None
+    return given[0].decode("utf-8", "replace")
+
+
+def _integer(raw: str) -> int | None:
+    """``raw`` as an integer (``_INTEGER_RE``), else ``None``."""
+    return int(raw) if _INTEGER_RE.fullmatch(raw) else None
+
+
+def int_param(args: Args, name: str, minimum: int, maximum: int = _INT64_MAX) -> int | None:
+    """
+    The integer query parameter ``name`` in ``[minimum, maximum]``, or
+    ``None`` when absent.
+
+    An empty value (``?name=``) is no integer: it is refused like any
+    other, not taken as absent, as the OpenAPI document says (an integer,
+    ``allowEmptyValue`` false).
+
+    :raises BadQueryError: naming ``name`` when it is repeated or not such an integer.
+    """
+    raw = _single(args, name)
+    if raw is None:
+        return None
+    value = _integer(raw)
     if value is None or not minimum <= value <= maximum:
         bounds = f">= {minimum}" if maximum == _INT64_MAX else f"from {minimum} to {maximum}"
         raise BadQueryError(
             f"query parameter {name} must be an integer {bounds}, got {raw[:40]!r}", name
         )
     return value
+
+
+def choice_param(args: Args, name: str, choices: Sequence[str]) -> str | None:
+    """
+    The query parameter ``name``, one of ``choices``, or ``None`` when absent.
+
+    :raises BadQueryError: naming ``name`` when it is repeated, empty or another value.
+    """
+    raw = _single(args, name)
+    if raw is None or raw in choices:
+        return raw
+    shown = " or ".join(repr(c) for c in choices)
+    raise BadQueryError(f"query parameter {name} must be {shown}, got {raw[:40]!r}", name)
 
 
 def parse_event_id(raw: str, what: str) -> int:
@@ -116,10 +146,9 @@ def parse_event_id(raw: str, what: str) -> int:
 
     :raises BadQueryError: naming ``what``.
     """
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadQueryError(f"{what} must be an integer event id, got {raw[:40]!r}") from None
+    value = _integer(raw)
+    if value is None or value > _INT64_MAX:
+        raise BadQueryError(f"{what} must be an integer event id, got {raw[:40]!r}")
     if value < 0:
         raise BadQueryError(f"{what} must be >= 0, got {value}")
     return value
@@ -142,9 +171,12 @@ def filter_from_lists(
 
 def query_filter(args: Args) -> Filter:
     """The filter of ``?run=&name=&type=`` (SSE and ``GET /api/events``)."""
-    return filter_from_lists(
-        runs=values(args, "run"), names=values(args, "name"), types=values(args, "type")
-    )
+    try:
+        return filter_from_lists(
+            runs=values(args, "run"), names=values(args, "name"), types=values(args, "type")
+        )
+    except BadQueryError as e:
+        raise BadQueryError(str(e), "type") from None  # the only one a value can be wrong in
 
 
 def resume_id(request: IRequest) -> int | None:

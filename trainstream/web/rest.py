@@ -19,13 +19,20 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from trainstream._version import __version__
-from trainstream.events import BodyTooLarge, EventError, decode_body, encode_json
+from trainstream.events import (
+    BodyTooLarge,
+    EventError,
+    UnsupportedMediaType,
+    decode_body,
+    encode_json,
+)
 from trainstream.store import Record
 from trainstream.web.backend import Backend
 from trainstream.web.openapi import openapi_document
 from trainstream.web.query import (
     BadQueryError,
     bad_query,
+    choice_param,
     error_response,
     int_param,
     json_bytes,
@@ -97,6 +104,17 @@ def _raw_tail(request: IRequest, decoded_tail: str) -> list[bytes]:
         if decoded[j] == b"runs" and b"/".join(decoded[j + 1 :]) == target:
             return raw[j + 1 :]
     return decoded_tail.encode("utf-8").split(b"/")  # pragma: no cover - Klein gave the tail
+
+
+def _method_not_allowed(request: IRequest, allowed: list[str]) -> bytes:
+    """A 405 naming the methods ``allowed``, in ``Allow`` and in the error."""
+    request.setHeader(b"allow", ", ".join(allowed).encode())
+    return error_response(
+        request,
+        405,
+        f"{request.method.decode('latin-1')} is not allowed on "
+        f"{request.path.decode('latin-1')}; allowed: {', '.join(allowed)}",
+    )
 
 
 def _no_run(request: IRequest, run: str) -> bytes:
@@ -186,6 +204,8 @@ class RestApi:
             accepted, first_id, last_id = hub.accept(items)
         except BodyTooLarge as e:
             return json_response(request, e.to_json(), 413)
+        except UnsupportedMediaType as e:
+            return json_response(request, e.to_json(), 415)
         except EventError as e:
             return json_response(request, e.to_json(), 400)
         answer = {"accepted": accepted, "first_id": first_id, "last_id": last_id}
@@ -269,13 +289,7 @@ class RestApi:
             from_step = int_param(args, "from_step", 0)
             to_step = int_param(args, "to_step", 0)
             max_points = int_param(args, "max_points", 2, MAX_MAX_POINTS)
-            if from_step is not None and to_step is not None and from_step > to_step:
-                raise BadQueryError(
-                    f"to_step ({to_step}) must not be below from_step ({from_step})", "to_step"
-                )
-            segments = (args.get(b"segments") or [b"current"])[0]
-            if segments not in (b"current", b"all"):
-                raise BadQueryError("segments must be 'current' or 'all'", "segments")
+            segments = choice_param(args, "segments", ("current", "all")) or "current"
         except BadQueryError as e:
             return bad_query(request, e)
         info = self.backend.runs.get(run)
@@ -283,8 +297,13 @@ class RestApi:
             return _no_run(request, run)
         if name not in info.metrics:
             return error_response(request, 404, f"run {run!r} has no metric {name!r}")
+        if from_step is not None and to_step is not None and from_step > to_step:
+            # An empty range, as the OpenAPI document says: no points, not an error.
+            return json_response(
+                request, {"run": run, "name": name, "points": [], "downsampled": False}
+            )
         hub = self.backend.hub
-        segment = None if segments == b"all" else hub.segments.current(run, name)
+        segment = None if segments == "all" else hub.segments.current(run, name)
         store = hub.store
         limit = max_points if max_points is not None else DEFAULT_MAX_POINTS
 
@@ -324,12 +343,21 @@ class RestApi:
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        if request.path == b"/api":  # Werkzeug matches only GET on the bare prefix
+            return _method_not_allowed(request, ["GET", "HEAD"])
         return error_response(request, 404, f"no such API path: {request.path.decode()}")
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        method = request.method.decode()
-        return error_response(request, 405, f"{method} is not allowed on {request.path.decode()}")
+        valid = set(getattr(failure.value, "valid_methods", None) or ())
+        if "GET" in valid:
+            valid.add("HEAD")
+        raw = request.path.split(b"/")
+        if raw[1:3] == [b"api", b"runs"] and len(raw) > 3:
+            tail = raw[3:]
+            if split_ranks_path(tail) is not None or split_run_path(tail)[1] is not None:
+                valid = {"GET", "HEAD"}  # a metric history and ranks are read only
+        return _method_not_allowed(request, sorted(valid - {"OPTIONS"}))
 
     @app.handle_errors(Exception)
     def internal(self, request: IRequest, failure: Failure) -> bytes:
