@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.webtools import (
     REST_PORT,
+    UPGRADE,
     WS_PORT,
     Connection,
     FakeBackend,
@@ -23,12 +24,6 @@ from tests.webtools import (
 from trainstream.events import Limits
 
 TOKEN = "s3cret-token"
-UPGRADE = {
-    "Upgrade": "websocket",
-    "Connection": "Upgrade",
-    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-    "Sec-WebSocket-Version": "13",
-}
 
 
 class AccessTestCase(SynchronousTestCase):
@@ -139,7 +134,7 @@ class BodyLimitTests(AccessTestCase):
         answer = self.post(json.dumps([event, event]).encode())
         self.assertEqual(answer.code, 413)
         self.assertIn("over the limit of 1000 bytes", answer.json()["error"])
-        factory = self.site.resource.children[b"ws"]._factory
+        factory = self.site.resource.children[b"ws"].ws._factory
         self.assertEqual(factory.maxMessagePayloadSize, 1000)
         self.assertEqual(factory.maxFramePayloadSize, 1000)
 

@@ -37,6 +37,13 @@ from trainstream.web.ws import StreamFactory, StreamSession
 
 #: Ports the fake listeners claim; nothing is bound.
 REST_PORT, SSE_PORT, WS_PORT = 18_890, 18_888, 18_889
+#: The headers of a WebSocket upgrade request.
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
 
 
 def metric(
@@ -389,7 +396,7 @@ class MemoryWS:
 def ws_factory(backend: FakeBackend, **config: Any) -> StreamFactory:
     """The site's own WebSocket factory (the one under ``/ws``)."""
     site = make_site(backend, **config)
-    factory: StreamFactory = site.resource.children[b"ws"]._factory
+    factory: StreamFactory = site.resource.children[b"ws"].ws._factory
     return factory
 
 

@@ -7,9 +7,15 @@ from __future__ import annotations
 import hmac
 import io
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.error import UnsupportedMethod
+from twisted.web.http import combinedLogFormatter
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
@@ -17,7 +23,13 @@ from trainstream.events import MAX_BODY_BYTES, body_too_large
 from trainstream.web.backend import ServerStatus
 from trainstream.web.query import error_response
 
+_log = Logger()
+
 _OPEN_PATHS = {b"/api/health"}
+#: Methods that change nothing: what a read token, or a page of another origin, may send.
+_READ_METHODS = {b"GET", b"HEAD"}
+#: What a token allows (``Access.level_of``).
+READ, WRITE = "read", "write"
 _LOOPBACK_NAMES = {"localhost", "::1"}
 
 
@@ -31,6 +43,55 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def is_websocket_upgrade(request: Request) -> bool:
+    """Whether ``Upgrade:`` names ``websocket`` (it may list several protocols)."""
+    upgrade = request.getHeader(b"upgrade") or b""
+    return any(p.strip().lower() == b"websocket" for p in upgrade.split(b","))
+
+
+def redact(uri: bytes) -> bytes:
+    """
+    ``uri`` with the value of every ``token`` query parameter replaced, for
+    logs: EventSource, browser WebSocket and dashboard clients can only send
+    their token that way.
+    """
+    path, mark, query = uri.partition(b"?")
+    if not mark:
+        return uri
+    parts = []
+    for part in re.split(rb"([&;])", query):
+        name, eq, _ = part.partition(b"=")
+        if eq and unquote_to_bytes(name.replace(b"+", b" ")).strip() == b"token":
+            part = name + b"=REDACTED"
+        parts.append(part)
+    return path + mark + b"".join(parts)
+
+
+class _Logged:
+    """What the access log line shows of a request: its URI and Referer redacted."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self.method = request.method
+        self.uri = redact(request.uri)
+        self.clientproto = request.clientproto
+        self.code = request.code
+        self.sentLength = request.sentLength
+
+    def getClientAddress(self) -> object:
+        return self._request.getClientAddress()
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        value: bytes | None = self._request.getHeader(name)
+        return redact(value) if value is not None and name.lower() == b"referer" else value
+
+
+def access_log_line(timestamp: str, request: Request) -> str:
+    """Twisted's combined log format, with tokens redacted (``redact``)."""
+    line: str = combinedLogFormatter(timestamp, _Logged(request))  # type: ignore[no-untyped-call]
+    return line
+
+
 class LimitedRequest(Request):
     """
     A request that keeps at most ``max_body`` bytes of body (its site's
@@ -42,10 +103,35 @@ class LimitedRequest(Request):
     too_large = False
     _received = 0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # Arguments come from the query string only: a form body is no JSON
+        # and is refused (415) by what reads the body, not parsed here.
+        self._parsePOSTFormSubmission = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.method!r} {redact(self.uri or b'')!r}>"
+
     @property
     def max_body(self) -> int:
         limit: int = getattr(getattr(self.channel, "site", None), "max_body", MAX_BODY_BYTES)
         return limit
+
+    def render(self, resrc: IResource) -> None:
+        super().render(_MethodGuard(resrc))  # type: ignore[no-untyped-call]
+
+    def processingFailed(self, reason: Failure) -> None:
+        """A resource failed: log it, answer a JSON 500 (never a traceback)."""
+        _log.failure("request {request} failed", reason, request=self)
+        if self.finished or self._disconnected:
+            return
+        if self.startedWriting:
+            self.finish()  # type: ignore[no-untyped-call]  # a stream under way just ends
+            return
+        body = error_response(self, 500, "internal server error (logged by the server)")
+        self.setHeader(b"content-length", b"%d" % len(body))  # type: ignore[no-untyped-call]
+        self.write(body)  # type: ignore[no-untyped-call]
+        self.finish()  # type: ignore[no-untyped-call]
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
@@ -63,6 +149,39 @@ class LimitedRequest(Request):
             self.content = io.BytesIO()
             return
         super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+
+class _MethodGuard(Resource):
+    """
+    Renders ``resource``, answering a method it has no ``render_*`` for
+    with a JSON 405 and ``Allow`` (Twisted's own answer is an HTML 405, or
+    501 for a method it does not know, such as ``TRACE``).
+    """
+
+    isLeaf = True
+
+    def __init__(self, resource: IResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.resource = resource
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            body: bytes | int = self.resource.render(request)
+        except UnsupportedMethod as e:
+            allowed = list(e.allowedMethods)
+            if request.method == b"HEAD" and b"GET" in allowed:
+                raise  # Twisted answers HEAD as GET without the body
+            if b"GET" in allowed and b"HEAD" not in allowed:
+                allowed.append(b"HEAD")
+            request.setHeader(b"allow", b", ".join(allowed))
+            method = request.method.decode("latin-1")
+            names = ", ".join(m.decode("latin-1") for m in allowed) or "none"
+            return error_response(
+                request,
+                405,
+                f"{method} is not allowed on {request.path.decode('latin-1')}; allowed: {names}",
+            )
+        return body
 
 
 class ErrorPage(Resource):
@@ -95,12 +214,15 @@ class Access:
         token: str | None,
         allow_origin: Iterable[str],
         status: Callable[[], ServerStatus],
+        read_tokens: Iterable[str] = (),
     ) -> None:
         """
         :param status: the server's listeners now (``Backend.status``): its
             own ports, and whether every one is bound to loopback.
+        :param read_tokens: tokens that may read but not write (only with ``token``).
         """
         self.token = token.encode() if token is not None else None
+        self.read_tokens = tuple(t.encode() for t in read_tokens)
         self.allow_origin = {o.rstrip("/").lower() for o in allow_origin}
         self.allow_hosts = {urlsplit(o).hostname for o in self.allow_origin} - {None}
         self.status = status
@@ -109,33 +231,63 @@ class Access:
         """An error page if the request may not go on, else ``None``."""
         if isinstance(request, LimitedRequest) and request.too_large:
             return ErrorPage(413, body_too_large(None, request.max_body).message)
+        host_header = (request.getHeader(b"host") or b"").decode("latin-1")
+        try:
+            host = urlsplit("//" + host_header).hostname
+        except ValueError:
+            return ErrorPage(400, f"Host header {host_header!r} is not a host name or address")
         if self.status().loopback_only:
             # Bound to loopback only: a Host that is not a loopback name is a
             # page from elsewhere reaching us through DNS rebinding.
-            host = urlsplit("//" + (request.getHeader(b"host") or b"").decode("latin-1")).hostname
             if host and not is_loopback_host(host) and host not in self.allow_hosts:
                 return ErrorPage(
                     403,
                     f"Host {host!r} refused: this server listens on loopback only; "
                     "name it with --allow-origin (e.g. behind a proxy) to allow it",
                 )
-        if self.token is not None and request.path not in _OPEN_PATHS:
-            if not hmac.compare_digest(self._given_token(request), self.token):
-                return ErrorPage(
-                    401,
-                    "missing or wrong token: send 'Authorization: Bearer TOKEN' "
-                    "(or ?token=TOKEN for EventSource and WebSocket clients)",
-                    {b"www-authenticate": b'Bearer realm="trainstream"'},
-                )
-        if (request.getHeader(b"upgrade") or b"").lower() == b"websocket":
+        level = self.level_of(self._given_token(request))
+        if level is None and request.path not in _OPEN_PATHS:
+            return ErrorPage(
+                401,
+                "missing or wrong token: send 'Authorization: Bearer TOKEN' "
+                "(or ?token=TOKEN for EventSource and WebSocket clients)",
+                {b"www-authenticate": b'Bearer realm="trainstream"'},
+            )
+        upgrade = is_websocket_upgrade(request)
+        writes = request.method not in _READ_METHODS
+        if upgrade or writes:
             origin = request.getHeader(b"origin")
+            what = "WebSocket upgrade" if upgrade else f"{request.method.decode('latin-1')}"
             if origin is not None and not self.origin_allowed(request, origin.decode("latin-1")):
                 return ErrorPage(
                     403,
-                    f"WebSocket upgrade refused from Origin {origin.decode('latin-1')!r}: "
-                    "not this server's; start the server with --allow-origin ORIGIN to allow it",
+                    f"{what} refused from Origin {origin.decode('latin-1')!r}: not this "
+                    "server's; start the server with --allow-origin ORIGIN to allow it",
                 )
+            # A browser that sends no Origin still says where the page came from.
+            if origin is None and request.getHeader(b"sec-fetch-site") == b"cross-site":
+                return ErrorPage(403, f"{what} refused: sent by a page of another site")
+        if writes and level == READ:
+            return ErrorPage(
+                403,
+                f"{request.method.decode('latin-1')} refused: this token may read but not "
+                "write; publishing and deleting need the token given with --token",
+            )
         return None
+
+    def level_of(self, given: bytes) -> str | None:
+        """
+        What the token ``given`` (``b""`` for none) allows: ``WRITE``
+        (everything; also with no token set), ``READ`` (a read token), or
+        ``None``. Every token is compared, in constant time.
+        """
+        if self.token is None:
+            return WRITE
+        level = WRITE if hmac.compare_digest(given, self.token) else None
+        for read in self.read_tokens:
+            if hmac.compare_digest(given, read) and level is None:
+                level = READ
+        return level
 
     def _given_token(self, request: Request) -> bytes:
         auth = request.getHeader(b"authorization") or b""

@@ -17,13 +17,20 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
-from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from trainstream.config import Config
 from trainstream.events import MAX_BODY_BYTES
-from trainstream.web.access import Access, LimitedRequest
+from trainstream.web.access import (
+    Access,
+    ErrorPage,
+    LimitedRequest,
+    access_log_line,
+    is_websocket_upgrade,
+)
 from trainstream.web.backend import Backend
+from trainstream.web.channel import Timeouts
 from trainstream.web.dashboard import DashboardPage, StaticFiles
 from trainstream.web.metrics import MetricsResource
 from trainstream.web.rest import RestApi
@@ -53,12 +60,30 @@ class Root(Resource):
                 request.getHeader(b"accept") or b""
             ):
                 return self.sse
-            if role in ("ws", "listen") and (
-                (request.getHeader(b"upgrade") or b"").lower() == b"websocket"
-            ):
+            if role in ("ws", "listen") and is_websocket_upgrade(request):
                 return self.ws
             return self.index
-        return NoResource("no such page")
+        return ErrorPage(404, f"no such page: {request.path.decode('latin-1')}")
+
+
+class WebSocketOnly(Resource):
+    """``/ws``: the WebSocket resource for upgrades, a JSON 426 for anything else."""
+
+    isLeaf = True
+
+    def __init__(self, ws: WebSocketResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.ws = ws
+
+    def render(self, request: Request) -> bytes | int:
+        if is_websocket_upgrade(request):
+            body: bytes | int = self.ws.render(request)  # type: ignore[no-untyped-call]
+            return body
+        return ErrorPage(
+            426,
+            "this is the WebSocket endpoint: connect with a WebSocket client (Upgrade: websocket)",
+            {b"upgrade": b"websocket"},
+        ).render(request)
 
 
 class TrackingSite(Site):
@@ -117,20 +142,33 @@ def build_site(backend: Backend, config: Config, reactor: IReactorTime) -> Site:
     sse = SSEResource(
         hub, clients, reactor, config.keepalive, config.retry_ms, config.client_buffer
     )
-    ws = WebSocketResource(
-        StreamFactory(hub, clients, reactor, config.close_timeout, config.client_buffer, max_body)
+    access = Access(
+        config.resolve_token(),
+        config.allow_origin,
+        backend.status,
+        config.resolve_read_tokens(),
     )
+    factory = StreamFactory(
+        hub, clients, reactor, config.close_timeout, config.client_buffer, max_body
+    )
+    factory.access = access
+    ws = WebSocketResource(factory)
     root = Root(DashboardPage(), sse, ws)
     root.putChild(b"api", RestApi(backend).app.resource())
     root.putChild(b"metrics", MetricsResource(backend))
     root.putChild(b"events", sse)
-    root.putChild(b"ws", ws)
+    root.putChild(b"ws", WebSocketOnly(ws))
     root.putChild(b"static", StaticFiles())
-    site = TrackingSite(root, reactor=reactor)  # type: ignore[no-untyped-call]
-    site.access = Access(config.resolve_token(), config.allow_origin, backend.status)
+    site = TrackingSite(  # type: ignore[no-untyped-call]
+        root, reactor=reactor, logFormatter=access_log_line
+    )
+    site.access = access
     site.full_access_log = config.access_log
     site.max_body = max_body
     site.requestFactory = LimitedRequest
     site.displayTracebacks = False
     site.noisy = False
+    # Slow clients (PROTOCOL 6): deadlines no byte resets; 100 Continue after access.
+    timeouts = Timeouts(config.header_timeout, config.request_timeout, config.idle_timeout)
+    site.protocol = timeouts.channel  # type: ignore[assignment]
     return site

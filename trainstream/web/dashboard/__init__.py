@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from attrs import frozen
-from twisted.web.resource import IResource, NoResource, Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from trainstream.web.access import ErrorPage
@@ -123,7 +123,7 @@ class StaticFiles(Resource):
             return ErrorPage(
                 404, f"{name} comes from the uplot-python package: pip install uplot-python"
             )
-        return NoResource("no such file")
+        return ErrorPage(404, f"no such file: /static/{name}")
 
 
 class DashboardPage(Resource):
