@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qs
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -16,10 +18,12 @@ from zope.interface import implementer, noLongerProvides
 
 from trainstream._version import __version__
 from trainstream.errors import DiskFullError, StoreError
-from trainstream.events import MAX_BODY_BYTES, EventError, decode_json, encode_json
+from trainstream.events import INT_MAX, MAX_BODY_BYTES, EventError, decode_json, encode_json
+from trainstream.events.rules import show
 from trainstream.hub import Hub
 from trainstream.store import Record
 from trainstream.subscription import DEFAULT_CLIENT_BUFFER, SharedFormat, Subscription
+from trainstream.web.access import WRITE, Access
 from trainstream.web.clients import Clients
 from trainstream.web.frames import render_events
 from trainstream.web.query import BadQueryError, filter_from_lists
@@ -28,6 +32,11 @@ _log = Logger()
 
 _SUBSCRIBE_KEYS = {"op", "runs", "names", "types", "after", "max_rate"}
 _AN_OP = 'a JSON object with an "op"'
+_OPS = "ops are subscribe, unsubscribe, publish, ping"
+#: What a session opened with a read token is told for a publish (PROTOCOL 6).
+READ_ONLY_PUBLISH = (
+    "publish refused: this token may read but not write; publish needs the token given with --token"
+)
 
 
 OVERFLOW_CLOSE_TIMEOUT = 30.0
@@ -35,6 +44,42 @@ OVERFLOW_CLOSE_TIMEOUT = 30.0
 
 class _ProtocolError(ValueError):
     """A client message we cannot act on; answered with an ``error`` op."""
+
+
+def _name(text: str) -> str:
+    """A name the client sent (an op, a field), quoted and cut short for an error."""
+    return repr(text[:40] + "..." if len(text) > 40 else text)
+
+
+def _list_of_strings(message: Mapping[str, object], key: str) -> Sequence[str]:
+    """The ``runs``, ``names`` or ``types`` of a subscribe: absent or null is all."""
+    value = message.get(key)
+    if value is None:
+        return ()
+    problem = f"subscribe: {key!r} must be a list of strings, got"
+    if not isinstance(value, list):
+        raise _ProtocolError(f"{problem} {show(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _ProtocolError(f"{problem} {show(item)} at position {i}")
+    return value
+
+
+def given_token(request: ConnectionRequest, uri: str) -> bytes:
+    """
+    The token a WebSocket client gave, byte for byte as the site's
+    ``Access`` read it from the same upgrade: ``Authorization: Bearer``,
+    else the first ``?token=`` of ``uri`` (the request line's target).
+    Autobahn decoded both as Latin-1, which gives the bytes back exactly.
+    """
+    header: str = request.headers.get("authorization", "")
+    auth = header.encode("latin-1")
+    scheme, _, value = auth.partition(b" ")
+    if scheme.lower() == b"bearer" and value.strip():
+        return value.strip()
+    query = uri.encode("latin-1").partition(b"?")[2]
+    values: list[bytes] = parse_qs(query, keep_blank_values=True).get(b"token", [])
+    return values[0] if values else b""
 
 
 @implementer(IPushProducer)
@@ -72,6 +117,8 @@ class StreamSession(WebSocketServerProtocol):
     factory: StreamFactory
     subscription: Subscription | None = None
     paused = False
+    #: What the client's token allows (``access.READ`` or ``WRITE``).
+    level = WRITE
     _deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -87,6 +134,24 @@ class StreamSession(WebSocketServerProtocol):
             if not isinstance(transport, TLSMemoryBIOProtocol):
                 noLongerProvides(transport, ISSLTransport)
         super().connectionMade()  # type: ignore[no-untyped-call]
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        access = self.factory.access
+        if access is None:
+            return
+        level = access.level_of(given_token(request, self.http_request_uri))
+        if level is None:
+            # The site refuses a wrong token before the upgrade; this is the
+            # same check again, for a factory served without that site.
+            raise ConnectionDeny(401, "missing or wrong token")
+        self.level = level
+
+    def _max_message_size_exceeded(self, msg_size: int, max_msg_size: int, reason: str) -> None:
+        """Autobahn's hook for a message over the limit: close 1009, saying what to do."""
+        self._fail_connection(
+            WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+            f"message is over the limit of {max_msg_size} bytes; publish fewer events per message",
+        )
 
     def onOpen(self) -> None:
         self.factory.clients.ws.add(self)
@@ -112,6 +177,10 @@ class StreamSession(WebSocketServerProtocol):
             self.send_json({"op": "error", "error": f"subscribe: {e}"})
         except EventError as e:
             self.send_json({"op": "error", **e.to_json()})
+        except Exception:
+            # A bug of ours: the client gets no Python text, the log gets all.
+            _log.failure("WebSocket message from {peer} failed", peer=self.peer)
+            self.send_json({"op": "error", "error": "internal server error (logged by the server)"})
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -119,7 +188,7 @@ class StreamSession(WebSocketServerProtocol):
         if op == "subscribe":
             unknown = sorted(set(message) - _SUBSCRIBE_KEYS)
             if unknown:
-                raise _ProtocolError(f"subscribe: unknown field {unknown[0]!r}")
+                raise _ProtocolError(f"subscribe: unknown field {_name(unknown[0])}")
             max_rate = message.get("max_rate")
             if max_rate is not None and (
                 isinstance(max_rate, bool)
@@ -128,16 +197,18 @@ class StreamSession(WebSocketServerProtocol):
             ):
                 raise _ProtocolError(
                     f'subscribe: "max_rate" must be a number of messages/s in (0, 1000], '
-                    f"got {max_rate!r}"
+                    f"got {show(max_rate)}"
                 )
             flt = filter_from_lists(
-                runs=message.get("runs") or (),
-                names=message.get("names") or (),
-                types=message.get("types") or (),
+                runs=_list_of_strings(message, "runs"),
+                names=_list_of_strings(message, "names"),
+                types=_list_of_strings(message, "types"),
             )
             after = message.get("after")
-            if after is not None and (type(after) is not int or after < 0):
-                raise _ProtocolError(f'subscribe: "after" must be an event id >= 0, got {after!r}')
+            if after is not None and (type(after) is not int or not 0 <= after <= INT_MAX):
+                raise _ProtocolError(
+                    f'subscribe: "after" must be an event id >= 0 (64-bit), got {show(after)}'
+                )
             self._unsubscribe()
             factory = self.factory
             self.subscription = hub.subscribe(
@@ -153,6 +224,9 @@ class StreamSession(WebSocketServerProtocol):
         elif op == "unsubscribe":
             self._unsubscribe()
         elif op == "publish":
+            if self.level != WRITE:
+                self.send_json({"op": "error", "error": READ_ONLY_PUBLISH, "status": 403})
+                return
             accepted, first, last = hub.accept(message.get("events"))
             ack = {"op": "ack", "accepted": accepted, "first_id": first, "last_id": last}
             # An ack means stored: send it once the history has committed.
@@ -160,11 +234,19 @@ class StreamSession(WebSocketServerProtocol):
             d = hub.store.sync().addCallback(lambda _: self._send_if_open(ack))
             d.addErrback(self._store_failed, first, last)
         elif op == "ping":
-            self.send_json({"op": "pong", "nonce": message.get("nonce")})
+            try:
+                pong = encode_json({"op": "pong", "nonce": message.get("nonce")}).encode()
+            except UnicodeEncodeError:
+                raise _ProtocolError(
+                    'ping: "nonce" holds a lone surrogate (\\ud800-\\udfff), '
+                    "which UTF-8 cannot encode; send a nonce without one"
+                ) from None
+            self.sendMessage(pong)  # type: ignore[no-untyped-call]
+        elif op is None:
+            raise _ProtocolError(f'a message must have an "op"; {_OPS}')
         else:
-            raise _ProtocolError(
-                f"unknown op {op!r}; ops are subscribe, unsubscribe, publish, ping"
-            )
+            shown = _name(op) if isinstance(op, str) else show(op)
+            raise _ProtocolError(f"unknown op {shown}; {_OPS}")
 
     def _unsubscribe(self) -> None:
         if self.subscription is not None:
@@ -233,6 +315,8 @@ class StreamFactory(WebSocketServerFactory):
     """Builds ``StreamSession``s sharing one Hub."""
 
     protocol = StreamSession  # type: ignore[assignment]
+    #: The site's token check (``build_site`` sets it): what a session may do.
+    access: Access | None = None
 
     def __init__(
         self,
@@ -255,4 +339,8 @@ class StreamFactory(WebSocketServerFactory):
             # A publish follows the rules of POST /api/events, body size too.
             maxFramePayloadSize=max_message_bytes,
             maxMessagePayloadSize=max_message_bytes,
+            # A message over the limit (1009) or a text frame that is not
+            # UTF-8 (1007) gets a close frame with its code and a reason the
+            # client can read, not a dropped connection (Autobahn's default).
+            failByDrop=False,
         )
