@@ -190,6 +190,23 @@ def plain_bind(port: int) -> OSError | None:
         s.close()
 
 
+#: ``plain_bind`` for a child script's source (it says why a bind failed as text).
+PLAIN_BIND_SOURCE = """
+import socket
+
+def plain_bind(port):
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        s.bind(("127.0.0.1", port)); s.listen(1)
+        return None
+    except OSError as e:
+        return str(e)
+    finally:
+        s.close()
+"""
+
+
 def config_on(ports: tuple[int, int, int], **extra: Any) -> dict[str, Any]:
     sse, ws, rest = ports
     return {

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.clients import connect_sse, connect_ws, plain_bind
+from tests.clients import PLAIN_BIND_SOURCE, connect_sse, connect_ws, plain_bind
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -267,21 +267,11 @@ class OptionNameTests(SynchronousTestCase):
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
 
-EMBEDDED = textwrap.dedent(
+EMBEDDED = PLAIN_BIND_SOURCE + textwrap.dedent(
     """
     import json, socket, sys, threading, time
     import trainstream
 
-    def plain_bind(port):
-        s = socket.socket()
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-            s.bind(("127.0.0.1", port)); s.listen(1)
-            return None
-        except OSError as e:
-            return str(e)
-        finally:
-            s.close()
 
     def port_of(url):
         return int(url.split(":")[2].split("/")[0])

@@ -27,12 +27,13 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError, ConnectionDone
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.error import CannotListenError, ConnectionDone, VerifyError
+from twisted.internet.interfaces import IListeningPort, IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from trainstream.errors import ConfigError, ListenError, PortInUseError
 from trainstream.web.backend import ListenerStatus
@@ -61,6 +62,14 @@ class TrackedConnection(ProtocolWrapper):
     or when a peer takes nothing of ours for ``stall_timeout`` seconds, the
     connection is reset (RST: nothing left on our port); ``stop`` resets
     whatever is left at once (``reset_when_flushed``).
+
+    On TLS, Twisted's TLS layer closes the TCP connection itself, with a FIN
+    of ours, when a handshake fails (plain http on the TLS port, a scanner)
+    and as soon as both close_notify alerts are out, which would leave a
+    TIME_WAIT on our port. Those closes come here instead
+    (``_tls_closes_tcp``): a failed handshake is reset once its alert is
+    out; after a close_notify exchange the peer closes first or is reset
+    after ``close_grace`` seconds.
     """
 
     factory: TrackingFactory
@@ -71,6 +80,30 @@ class TrackedConnection(ProtocolWrapper):
     _resetting = False
     _unsent = -1  # at the last look
     _progress_at = 0.0  # when the peer last took some of it
+
+    _tls_closed = False  # the TLS layer is done with the TCP connection
+
+    def makeConnection(self, transport: Any) -> None:
+        below = _socket_below(transport)
+        if below is not transport and hasattr(transport, "_tlsConnection"):
+            # Twisted's TLS layer: its own closes of the TCP connection are ours to make.
+            below.loseConnection = self._tls_closes_tcp
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+
+    def _tls_closes_tcp(self) -> None:
+        """What the TLS layer asks of the TCP connection instead of a FIN of ours."""
+        if self._tls_closed:
+            return
+        self._tls_closed = True
+        self.disconnecting = 1
+        if not getattr(self.transport, "_handshakeDone", True):
+            self.reset_when_flushed(self.factory.close_grace)  # the alert, then RST
+            return
+        self.peer_closes_first = True
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        # Not from within this call: it may come from our own ``_watch``.
+        self._close_call = self.factory.reactor.callLater(0, self._watch, 0.001)
 
     def loseConnection(self) -> None:
         if self.disconnecting:
@@ -110,10 +143,11 @@ class TrackedConnection(ProtocolWrapper):
             transport.abortConnection()
         elif unsent == 0:
             wait_for_peer = self.factory.close_grace
-            if not self.peer_closes_first:
+            if not self.peer_closes_first and not self._tls_closed:
                 # The end of an answer only our close delimits (HTTP/1.0).
                 if isinstance(transport, ProtocolWrapper):
-                    transport.loseConnection()  # TLS: its close_notify first
+                    # TLS: its close_notify; the TCP close comes to _tls_closes_tcp.
+                    transport.loseConnection()
                 else:
                     transport.loseWriteConnection()
                 wait_for_peer = self.stall_timeout
@@ -144,10 +178,15 @@ class TrackedConnection(ProtocolWrapper):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
+@implementer(IProtocolNegotiationFactory)
 class TrackingFactory(WrappingFactory):
     """
     Wraps the one ``Site`` for one listener: it knows the listener's role and
     every connection open on it, and says when none is left.
+
+    On a TLS listener it is what Twisted asks for the ALPN protocols (the
+    ``Site`` is behind it): without an answer every client that offers ALPN
+    (browsers, curl) is refused with a TLS internal-error alert.
     """
 
     noisy = False
@@ -159,6 +198,10 @@ class TrackingFactory(WrappingFactory):
         self.reactor = reactor
         self.close_grace = close_grace
         self._empty_waiters: list[Deferred[None]] = []
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """HTTP/1.1 only: WebSocket upgrades and SSE streams need it (no h2)."""
+        return [b"http/1.1"]
 
     def unregisterProtocol(self, p: ProtocolWrapper) -> None:
         super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
@@ -176,13 +219,37 @@ class TrackingFactory(WrappingFactory):
         return d
 
 
+def _layers(transport: Any) -> list[Any]:
+    """``transport`` and those under it (TLS over TCP), down to the one that owns the socket."""
+    layers = [transport]
+    while isinstance(transport, ProtocolWrapper) and len(layers) < 8:
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            break
+        layers.append(transport)
+    return layers
+
+
+def _socket_below(transport: Any) -> Any:
+    """The transport under any wrappers (TLS): the one that owns the socket."""
+    return _layers(transport)[-1]
+
+
 def _unsent(transport: Any) -> int:
     """
-    Bytes written that have not reached the peer: in Twisted's buffer and,
-    where the system tells (Linux ``TIOCOUTQ``: sent but not acknowledged,
-    a FIN counting one), in the kernel's send queue. 0: all flushed.
+    Bytes written that have not reached the peer: in Twisted's buffers (a TLS
+    layer's small writes it aggregates until the next reactor turn and its
+    cleartext waiting for the handshake, then the TCP transport's) and, where
+    the system tells (Linux ``TIOCOUTQ``: sent but not acknowledged, a FIN
+    counting one), in the kernel's send queue. 0: all flushed.
     """
-    unsent = int(
+    *wrappers, transport = _layers(transport)
+    unsent = 0
+    for tls in wrappers:
+        aggregated = getattr(getattr(tls, "_aggregator", None), "_buffer", ())
+        unsent += sum(len(b) for b in aggregated)
+        unsent += sum(len(b) for b in getattr(tls, "_appSendBuffer", ()))
+    unsent += int(
         len(getattr(transport, "dataBuffer", b""))
         - getattr(transport, "offset", 0)
         + getattr(transport, "_tempDataLen", 0)
@@ -212,7 +279,8 @@ class Listener:
 
     @property
     def secure(self) -> bool:
-        return self.description.split(":", 1)[0].lower() in ("ssl", "tls")
+        """Served over TLS: its URLs say https and wss."""
+        return _is_tls(self.description)
 
     def base(self, scheme: str) -> str:
         """``scheme://host:port`` of this listener, as a client reaches it."""
@@ -242,6 +310,38 @@ class Listener:
     @property
     def port_number(self) -> int | None:
         return getattr(self.port.getHost(), "port", None)
+
+
+#: The endpoint string of a TLS listener, as errors tell it.
+_TLS_FORM = "ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem:interface=127.0.0.1"
+
+#: ``ssl:`` arguments: a ``tls:`` string that uses them means ``ssl:``.
+_SSL_KEYWORDS = frozenset(
+    ("privateKey", "certKey", "extraCertChain", "sslmethod", "dhParameters", "backlog")
+)
+
+
+def _is_tls(description: str) -> bool:
+    return description.split(":", 1)[0].strip().lower() in ("ssl", "tls")
+
+
+def endpoint_string(description: str) -> str:
+    """
+    The string given to ``serverFromString``. ``tls:`` is accepted for
+    ``ssl:`` (``tls:8443:privateKey=KEY.pem:certKey=CERT.pem``): a ``tls:``
+    string whose first argument is a port number, or that names an ``ssl:``
+    argument, becomes ``ssl:``. Any other ``tls:`` string is Twisted's own
+    (``tls:PEM_DIRECTORY:port=8443``, one PEM per host name, chosen by SNI)
+    and is passed on unchanged.
+    """
+    prefix, sep, rest = description.partition(":")
+    if prefix.strip().lower() != "tls" or not sep:
+        return description
+    args = rest.split(":")
+    keywords = {a.split("=", 1)[0] for a in args if "=" in a}
+    if args[0].strip().isdigit() or keywords & _SSL_KEYWORDS:
+        return "ssl:" + rest
+    return description
 
 
 _PORT_IN_DESCRIPTION = re.compile(r"^(?:tcp6?|ssl|tls):(?:port=)?(\d+)", re.IGNORECASE)
@@ -281,17 +381,37 @@ class ListenerService(Service):
         self.bound: Listener | None = None
 
     def privilegedStartService(self) -> None:
+        where = f"--{self.role} {self.description!r}"
+        tls = _is_tls(self.description)
+        hint = f"; a TLS listener is {_TLS_FORM}" if tls else ""
         try:
-            endpoint = serverFromString(self.reactor, self.description)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(
-                f"--{self.role} {self.description!r} is not a valid endpoint string: {e}"
-            ) from None
+            endpoint = serverFromString(self.reactor, endpoint_string(self.description))
         except ImportError as e:  # ssl:/tls: without pyOpenSSL
             raise ConfigError(
-                f"--{self.role} {self.description!r} needs TLS support, which is not "
-                f"installed ({e}): pip install 'trainstream[tls]'"
+                f"{where} needs TLS support, which is not installed ({e}): "
+                "pip install 'trainstream[tls]'"
             ) from None
+        except OSError as e:  # ssl: reads its certificate and key files here
+            name = e.filename if e.filename is not None else "a file"
+            default = (
+                " (ssl: without privateKey= reads server.pem)"
+                if tls and "privatekey=" not in self.description.lower()
+                else ""
+            )
+            raise ConfigError(
+                f"{where}: cannot read {name}: {e.strerror or e}{default}{hint}"
+            ) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where} is not a valid endpoint string: {e}{hint}") from None
+        except VerifyError:
+            raise ConfigError(f"{where}: the private key is not the certificate's{hint}") from None
+        except Exception as e:
+            if tls and type(e).__module__.startswith("OpenSSL"):
+                raise ConfigError(
+                    f"{where}: the certificate or the key is not a PEM file OpenSSL can "
+                    f"load ({e}){hint}"
+                ) from None
+            raise
         factory = TrackingFactory(self.site, self.role, self.reactor, self.close_timeout)
         outcome: list[object] = []
         endpoint.listen(factory).addBoth(outcome.append)
@@ -406,4 +526,11 @@ def build_listeners(
     return group
 
 
-__all__ = ["Listener", "ListenerService", "Listeners", "TrackedConnection", "build_listeners"]
+__all__ = [
+    "Listener",
+    "ListenerService",
+    "Listeners",
+    "TrackedConnection",
+    "build_listeners",
+    "endpoint_string",
+]
