@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from typing import Any
 
 from hypothesis import given, settings, strategies as st
@@ -381,3 +382,17 @@ class RestRanksTests(ServerTestCase):
             )
 
         return d(go())
+
+
+class AggregateOverflowTests(SynchronousTestCase):
+    def test_mean_of_the_largest_floats(self) -> None:
+        """
+        A sum past the largest float falls back to a scaled sum that fits,
+        for any count (found by hypothesis: three of the largest float).
+        """
+        top = sys.float_info.max
+        for values in ([top] * 3, [top] * 5, [top] * 100, [top, top, -top], [top / 3] * 7):
+            mean, low, high = aggregate(values)
+            self.assertTrue(low <= mean <= high, (values[:3], mean))
+            self.assertTrue(math.isfinite(mean))
+        self.assertEqual(aggregate([top] * 5)[0], top)

@@ -85,7 +85,11 @@ def aggregate(values: Iterable[float]) -> tuple[float, float, float]:
         try:
             mean = math.fsum(vals) / len(vals)
         except OverflowError:  # the sum passes the largest float; the mean does not
-            mean = math.fsum(v / len(vals) for v in vals)
+            # Scale by a power of two no smaller than the count (exact but for
+            # subnormals): the scaled sum then fits, and so does the mean.
+            scale = 2.0 ** math.ceil(math.log2(len(vals)))
+            mean = math.fsum(v / scale for v in vals) / len(vals) * scale
+            mean = min(max(mean, low), high)  # rounding must not leave the range
     return mean, low, high
 
 
