@@ -6,8 +6,9 @@ import filecmp
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TREE_PACKAGE = REPO_ROOT / "trainstream"
@@ -83,3 +84,49 @@ def source_lines(package_file: str) -> list[str]:
             + " (pip install . to refresh, or pass --tree)"
         )
     return lines
+
+
+# Before adaptive batching, for before/after figures in one run: the same
+# code with the old timing rule put back (benchmarks only).
+
+#: The old fixed delays: every run.log batch waited 50 ms, every POST 0.25 s.
+OLD_INBOX_DELAY = 0.05
+OLD_LINGER = 0.25
+
+
+def use_old_inbox(inbox: Any, delay: float = OLD_INBOX_DELAY) -> Callable[[], None]:
+    """
+    Make an embedded server's ``Inbox`` hold every batch ``delay`` after its
+    wake-up, idle or not (the rule before adaptive batching); returns the
+    function that puts the adaptive rule back. Call it while nothing is queued.
+    """
+    window = inbox.window
+
+    def wake() -> None:
+        if inbox._timer is None or not inbox._timer.active():
+            inbox._timer = inbox._clock.callLater(delay, inbox.drain)  # drain clears the flag
+
+    inbox._wake = wake
+    inbox.window = delay
+
+    def restore() -> None:
+        del inbox._wake
+        inbox.window = window
+
+    return restore
+
+
+def old_publisher(*args: Any, **kw: Any) -> Any:
+    """
+    A ``Publisher`` that lets every batch linger ``OLD_LINGER`` (0.25 s),
+    idle or not: the rule before adaptive batching.
+    """
+    from trainstream.client.publisher import Publisher
+
+    class OldPublisher(Publisher):
+        def _schedule(self, at_once: bool = False) -> None:
+            self._last_post = self._clock.seconds()  # always "busy": now + linger
+            super()._schedule(at_once)
+
+    kw.setdefault("linger", OLD_LINGER)
+    return OldPublisher(*args, **kw)

@@ -9,7 +9,11 @@ scalars per step (``train/loss``, ``train/acc``, ``lr``) with:
   subprocess (another process on this machine), one ``log`` per step;
 - ``ts-writer``: trainstream's drop-in ``SummaryWriter`` (remote), 3 ``add_scalar``;
 - ``torch-tb``: ``torch.utils.tensorboard.SummaryWriter``, 3 ``add_scalar``;
-- ``tensorboardX``: ``tensorboardX.SummaryWriter``, 3 ``add_scalar``.
+- ``tensorboardX``: ``tensorboardX.SummaryWriter``, 3 ``add_scalar``;
+- ``embedded-old``, ``remote-old`` (only when asked for in ``--modes``): the
+  same as ``embedded`` and ``remote`` with the timing rule of before adaptive
+  batching put back (every batch held 50 ms; every POST after a 0.25 s
+  linger), for before/after figures in one run.
 
 All in one process run; the modes are interleaved, round by round, so they
 share the machine's noise. A step's time runs from one step's end to the
@@ -34,7 +38,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from _common import REPO_ROOT, machine_lines, percentile, source_lines, use_tree
+from _common import (
+    REPO_ROOT,
+    machine_lines,
+    old_publisher,
+    percentile,
+    source_lines,
+    use_old_inbox,
+    use_tree,
+)
 
 use_tree()
 sys.path.insert(0, str(REPO_ROOT / "examples"))
@@ -48,6 +60,8 @@ from trainstream.integrations.tensorboard import SummaryWriter  # noqa: E402
 
 Log = Callable[[int, float, float, float], None]
 MODES = ["none", "embedded", "remote", "ts-writer", "torch-tb", "tensorboardX"]
+#: Accepted by --modes too: before adaptive batching.
+OLD_MODES = ["embedded-old", "remote-old"]
 
 
 @contextmanager
@@ -62,12 +76,17 @@ def logger(mode: str, name: str, env: dict[str, Any]) -> Iterator[tuple[Log, lis
 
         yield log, closing
         return
-    if mode in ("embedded", "remote"):
-        run: Any = (
-            env["server"].run(name)
-            if mode == "embedded"
-            else Publisher(env["url"], name, flush_at_exit=0)
-        )
+    if mode in ("embedded", "remote", "embedded-old", "remote-old"):
+        restore = None
+        if mode == "embedded":
+            run: Any = env["server"].run(name)
+        elif mode == "embedded-old":
+            restore = use_old_inbox(env["server"].inbox)
+            run = env["server"].run(name)
+        elif mode == "remote":
+            run = Publisher(env["url"], name, flush_at_exit=0)
+        else:
+            run = old_publisher(env["url"], name, flush_at_exit=0)
         run.status("running")
 
         def log(step: int, loss: float, acc: float, lr: float) -> None:
@@ -76,11 +95,13 @@ def logger(mode: str, name: str, env: dict[str, Any]) -> Iterator[tuple[Log, lis
         yield log, closing
         t0 = time.perf_counter()
         run.finish()
-        if mode == "embedded":
+        if mode.startswith("embedded"):
             run.flush()
         elif not run.close(60):
             raise SystemExit(f"remote: not everything was stored: {run.last_error}")
         closing.append(time.perf_counter() - t0)
+        if restore is not None:
+            restore()
         return
     if mode == "ts-writer":
         writer: Any = SummaryWriter(url=env["url"], run=name)
@@ -110,6 +131,7 @@ class Loop:
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.log_us: list[float] = []  # each log call's own time, on the training thread
         self.thread_cpu = 0.0
         self.process_cpu = 0.0
         self.close = 0.0
@@ -119,11 +141,15 @@ def measure(mode: str, steps: int, name: str, env: dict[str, Any]) -> Loop:
     """One loop of ``steps`` training steps logged by ``mode``."""
     loop = Loop()
     times = loop.times
+    log_us = loop.log_us
+    ns = time.perf_counter_ns
     with logger(mode, name, env) as (log, closing):
         last = [0.0]
 
         def timed(step: int, loss: float, acc: float, lr: float) -> None:
+            started = ns()
             log(step, loss, acc, lr)
+            log_us.append((ns() - started) / 1000.0)
             now = time.perf_counter()
             if step:
                 times.append((now - last[0]) * 1000.0)
@@ -144,9 +170,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated, the first is the baseline (default all of: {', '.join(MODES)}; "
+        f"also {', '.join(OLD_MODES)})",
+    )
     args = parser.parse_args()
     modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES + OLD_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}: choose from {MODES + OLD_MODES}")
     torch.set_num_threads(args.threads)
 
     from _stream import ServerProcess
@@ -220,6 +254,13 @@ def report(loops: dict[str, list[Loop]], modes: list[str]) -> None:
         "  process CPU: all threads of this process (a remote server's CPU is not counted); "
         "close: flush/close after the loop."
     )
+    print("  the log call itself on the training thread (us, one call of 3 scalars per step):")
+    for mode in modes:
+        pooled = [t for loop in loops[mode] for t in loop.log_us]
+        print(
+            f"    {mode:<13} p50 {percentile(pooled, 50):7.2f}  p99 {percentile(pooled, 99):7.2f}"
+            f"  max {max(pooled, default=0.0):8.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -281,20 +281,33 @@ class PublisherRulesTests(SynchronousTestCase):
         kw.setdefault("max_backoff", 2.0)
         return Publisher("http://h:1", "r", clock=self.clock, transport=self.server, **kw)
 
-    def test_events_gather_for_the_linger(self) -> None:
+    def test_idle_at_once_busy_gathers_for_the_linger(self) -> None:
+        """
+        Nagle-style: an idle publisher sends at once; less than ``linger``
+        after a POST began, events gather and go together ``linger`` after
+        it. (Before adaptive batching, every batch waited the linger.)
+        """
         pub = self.publisher(linger=0.25)
         for step in range(3):
             pub.log({"loss": 1.0}, step=step)
-        self.clock.advance(0.2)
-        self.assertEqual(self.server.posts, [])
-        self.clock.advance(0.05)
+        self.clock.advance(0)
         ((when, events),) = self.server.posts
-        self.assertEqual(when, 0.25)
+        self.assertEqual(when, 0.0)
         self.assertEqual([e["type"] for e in events], ["status", "metric", "metric", "metric"])
         self.assertEqual((pub.sent, pub.queue_depth), (4, 0))
-        pub.log({"loss": 1.0}, step=3)  # a new batch, a new linger
-        self.clock.advance(0.25)
-        self.assertEqual(self.server.times(), [0.25, 0.5])
+        self.clock.advance(0.1)
+        for step in range(3, 6):
+            pub.log({"loss": 1.0}, step=step)  # busy: they gather
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.server.posts), 1)
+        self.clock.advance(0.05)
+        self.assertEqual(self.server.times(), [0.0, 0.25])
+        self.assertEqual(len(self.server.posts[1][1]), 3)
+        self.clock.advance(1.0)  # idle again: the next goes at once
+        pub.log({"loss": 1.0}, step=6)
+        self.clock.advance(0)
+        self.assertEqual(self.server.times(), [0.0, 0.25, 1.25])
+        self.assertEqual(self.server.steps(), list(range(7)))
 
     def test_a_full_batch_goes_at_once(self) -> None:
         pub = self.publisher(batch_size=4, linger=10)

@@ -2,7 +2,9 @@
 The training side: ``Run.log()`` and friends, which only queue.
 
 A training thread never waits on the network or the reactor: events go into
-a deque and the reactor is woken at most once per batch to publish them.
+a deque and the reactor is woken at most once per batch to publish them; an
+event after a quiet spell goes at once, a busy loop's events in batches
+(``Inbox``).
 """
 
 from __future__ import annotations
@@ -17,34 +19,67 @@ from trainstream.events import metric_events
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
 class Inbox:
     """
-    Events queued by any thread, published in the reactor thread in batches.
+    Events queued by any thread, handed to the reactor thread in batches.
 
-    ``put`` appends and wakes the reactor only if no wake-up is pending;
-    ``drain`` clears the flag *before* emptying the queue, so an event put
-    while it runs is either taken now or triggers a new wake-up. With
-    ``later`` (``lambda f: reactor.callLater(delay, f)``), the reactor
-    publishes ``delay`` after the wake-up, so a training loop of short steps
-    hands it one batch per ``delay`` instead of one per step (the reactor's
-    work competes with the training thread for the GIL).
+    ``put`` appends, and wakes the reactor only if the inbox is idle (its
+    flag is clear): one ``call_from_thread`` per quiet spell, never one per
+    event. With a ``clock`` and a ``window``, batching adapts to the load
+    the way Nagle's algorithm does:
+
+    - idle (the last batch was handed over ``window`` or more ago): the
+      wake-up hands the queue over at once, so a point logged now and then
+      reaches subscribers within a reactor turn;
+    - busy (a batch was handed over less than ``window`` ago): the flag
+      stays set and a timer takes the queue at the end of the window, and
+      again a window after that while events keep coming, so a busy
+      training thread neither wakes the reactor (a system call, and another
+      thread scheduled) nor is joined by it more than once per window; a
+      window that finds nothing clears the flag: idle again.
+
+    So a loop that logs faster than once per ``window`` hands over at most
+    one batch per ``window``, each event at most ``window`` after it was
+    put (plus the reactor's own lag). ``drain`` (flush, stop) hands over at
+    once whatever is queued.
+
+    Every event put is taken by a hand-over: while the flag is set, a
+    wake-up is on its way or the window's timer is armed; ``drain`` clears
+    the flag *before* emptying the queue, and the timer that goes idle looks
+    at the queue again *after* clearing it, so a put that saw the flag set
+    is taken then, and one that saw it clear woke the reactor itself.
+
+    :param call_from_thread: how another thread has the reactor call a function.
+    :param sink: reactor thread: takes each batch, in order.
+    :param clock: the reactor's time (``seconds``, ``callLater``); without
+        it every wake-up hands over at once.
+    :param window: seconds (see above); 0 hands over at every wake-up.
     """
 
     def __init__(
         self,
         call_from_thread: Callable[[Callable[[], None]], object],
         sink: Callable[[list[Event]], object],
-        later: Callable[[Callable[[], None]], Any] | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        window: float = 0.0,
     ) -> None:
         self._call_from_thread = call_from_thread
-        self._later = later
-        self._delayed: Any = None
         self._sink = sink
+        self._clock = clock
+        #: seconds between batches while busy (the longest an event waits then)
+        self.window = window
+        self._timer: IDelayedCall | None = None  # the end of the window, while busy
+        self._last = float("-inf")  # when the last batch was handed over (its end)
         self._queue: deque[list[Event] | tuple[str, float, int, dict[str, Any]]] = deque()
-        self._scheduled = False
+        self._scheduled = False  # set: a wake-up is on its way or the timer is armed
+        #: wake-ups asked for (``call_from_thread`` calls)
         self.wakeups = 0
+        #: batches handed to the sink
+        self.batches = 0
 
     def put(self, events: list[Event] | tuple[str, float, int, dict[str, Any]]) -> None:
         """Queue events, or ``(run, time, step, {name: number})`` (see ``put_metrics``)."""
@@ -52,19 +87,49 @@ class Inbox:
         if not self._scheduled:
             self._scheduled = True
             self.wakeups += 1
-            self._call_from_thread(self.drain if self._later is None else self._drain_later)
+            self._call_from_thread(self._wake)
 
     put_metrics = put  # the tuple form, read as metric events by drain()
 
-    def _drain_later(self) -> None:
-        self._delayed = self._later(self.drain) if self._later is not None else None
+    def _wake(self) -> None:
+        """Reactor thread: hand over now if idle, else at the end of the window."""
+        clock = self._clock
+        if clock is None or self.window <= 0:
+            self.drain()
+            return
+        if self._timer is not None and self._timer.active():
+            return  # the window's end takes it
+        wait = self._last + self.window - clock.seconds()
+        if wait <= 0:
+            self._hand_over(clock)
+        else:
+            self._timer = clock.callLater(wait, self._window_end)
+
+    def _window_end(self) -> None:
+        """Reactor thread: take what the window gathered; nothing: idle again."""
+        assert self._clock is not None
+        self._timer = None
+        if not self._queue:
+            self._scheduled = False
+            if not self._queue:
+                return
+            # A put between the look and the clear saw the flag set: take it now.
+        self._hand_over(self._clock)
+
+    def _hand_over(self, clock: IReactorTime) -> None:
+        """Hand the queue over, and take the next at the end of a window (busy)."""
+        self._take()
+        self._timer = clock.callLater(self.window, self._window_end)
 
     def drain(self) -> None:
         """Publish everything queued so far (reactor thread only)."""
-        delayed, self._delayed = self._delayed, None
-        if delayed is not None and delayed.active():
-            delayed.cancel()  # drained now (flush, stop): no need to later
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()  # drained now (flush, stop); the next put wakes the reactor
         self._scheduled = False
+        self._take()
+
+    def _take(self) -> None:
         batch: list[Event] = []
         queue = self._queue
         while queue:
@@ -85,7 +150,14 @@ class Inbox:
             else:
                 batch.extend(item)
         if batch:
-            self._sink(batch)
+            self.batches += 1
+            try:
+                self._sink(batch)
+            finally:
+                # The window runs from the end of the hand-over: what is put
+                # while the hub takes a batch waits for the next one.
+                if self._clock is not None:
+                    self._last = self._clock.seconds()
 
 
 class Run(RunAPI):

@@ -5,7 +5,9 @@ or another machine): the Run API of the embedded server
 
 ``log()`` only appends to a bounded queue; the publisher's own thread (a
 :class:`~trainstream.client.clock.ThreadClock`) sends batches with
-``POST /api/events`` over one keep-alive connection, retrying with the
+``POST /api/events`` over one keep-alive connection: an event after a quiet
+spell at once, a busy loop's events together, at most one POST per
+``linger`` (see :class:`Publisher`), retrying with the
 backoff policy of every client while the server is unreachable. When the
 queue is full the oldest events are dropped and counted, so the training
 loop never blocks and never grows without bound. No reactor is involved:
@@ -60,8 +62,13 @@ class Publisher(RunAPI):
     :param token: the server's bearer token, if it has one.
     :param max_queue: events kept while the server is unreachable; past it
         the oldest are dropped (``dropped`` counts them).
-    :param linger: seconds to let events gather before a POST (``flush``
-        does not wait for it).
+    :param linger: how batching adapts to the load (Nagle-style). Idle (no
+        POST under way, the last one began ``linger`` or more ago), an event
+        is sent at once; busy, events gather and go in one POST ``linger``
+        after the last one began, or when it ends if it took longer. So a
+        loop logging faster than that sends one POST per ``linger``, each
+        event at most about ``linger`` plus a POST late (``flush``, a close
+        and a full batch do not wait for it).
     :param report_every: seconds between the publisher's own metrics
         (``trainstream/log_us``, ``trainstream/queue_depth``,
         ``trainstream/dropped``), or 0 for none.
@@ -84,7 +91,7 @@ class Publisher(RunAPI):
         max_backoff: float = 10.0,
         report_every: float = 10.0,
         flush_at_exit: float = 5.0,
-        linger: float = 0.25,
+        linger: float = 0.01,
         *,
         clock: Scheduler | None = None,
         transport: Transport | None = None,
@@ -123,6 +130,7 @@ class Publisher(RunAPI):
         self._retry_at: float | None = None
         self._pump_call: DelayedCall | None = None
         self._pump_at = 0.0
+        self._last_post = float("-inf")  # when the last POST began (clock time)
         self._log_ns = 0
         self._log_calls = 0
         self._own_clock: ThreadClock | None = None
@@ -208,9 +216,10 @@ class Publisher(RunAPI):
     def _schedule(self, at_once: bool = False) -> None:
         """
         (With the lock.) Have the queue sent when it is due: at once for a
-        flush, a close or a full batch, else after ``linger``; after a
-        failure not before the backoff's delay, unless ``at_once``. While a
-        batch is being sent, its end schedules the next.
+        flush, a close or a full batch, else ``linger`` after the last POST
+        began (at once if that is past: idle); after a failure not before
+        the backoff's delay, unless ``at_once``. While a batch is being
+        sent, its end schedules the next.
         """
         if self._sending or self._stopped or not self._pending:
             return
@@ -224,7 +233,7 @@ class Publisher(RunAPI):
         if self._retry_at is not None and not at_once:
             when = max(now, self._retry_at)
         else:
-            when = now if urgent else now + self.linger
+            when = now if urgent else max(now, self._last_post + self.linger)
         if pending:
             if self._pump_at <= when:
                 return
@@ -232,7 +241,7 @@ class Publisher(RunAPI):
         self._pump_at = when
         self._pump_call = self._clock.callLater(when - now, self._pump)
         self._busy = True
-        self._soonest = urgent or self._retry_at is not None
+        self._soonest = urgent or self._retry_at is not None or when <= now
 
     # Sending (in the clock's thread)
 
@@ -247,6 +256,7 @@ class Publisher(RunAPI):
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             self._in_flight = len(batch)
             self._sending = self._soonest = True
+            self._last_post = self._clock.seconds()
         try:
             unsent = self._send(batch)
         except Exception as e:  # a bug, not the network: drop the batch rather than stall
