@@ -188,7 +188,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet=args.quiet,
             )
             return run_tail(tail, sys.stdout, sys.stderr)
-        from trainstream.cli.watch import WatchOptions, run_watch
+        try:
+            import rich.live  # noqa: F401  (the screen; imported here to say what is missing)
+
+            from trainstream.cli.watch import WatchOptions, run_watch
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] != "rich":
+                raise
+            print(
+                "trainstream watch: the live screen needs the rich package, which is "
+                "missing: pip install 'rich>=13' (or reinstall trainstream with its "
+                "dependencies); tail needs nothing more",
+                file=sys.stderr,
+            )
+            return 1
 
         watch = WatchOptions(
             **server, columns=args.columns, frames=args.frames, refresh_hz=args.refresh

@@ -19,11 +19,11 @@ import os
 import re
 import socket
 import struct
+import sys
 import termios
 from typing import Any
 
 from attrs import define
-from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -38,7 +38,6 @@ from zope.interface import implementer
 from trainstream.errors import ConfigError, ListenError, PortInUseError
 from trainstream.web.backend import ListenerStatus
 from trainstream.web.clients import Clients
-from trainstream.web.ws import StreamSession
 
 _log = Logger()
 
@@ -490,11 +489,13 @@ class Listeners(MultiService):
         )
         factories = [li.factory for li in bound]
         self.clients.close_all("server stopping")
+        # Autobahn is imported at the first upgrade (an idle server never loads it).
+        ws = sys.modules.get("trainstream.web.ws")
         for factory in factories:
             for wrapper in list(factory.protocols):
                 protocol = wrapper.wrappedProtocol
-                if isinstance(protocol, StreamSession):
-                    if protocol.state == WebSocketProtocol.STATE_CONNECTING:
+                if ws is not None and isinstance(protocol, ws.StreamSession):
+                    if protocol.state == protocol.STATE_CONNECTING:
                         wrapper.transport.abortConnection()
                     # Otherwise our close frame is out: Autobahn resets the
                     # connection once the client answers it, or after

@@ -4,17 +4,21 @@ and the ``Config`` (never the server object).
 
     /            dashboard (and, for seed clients, SSE or WebSocket at the root
                  of the listener whose role is SSE or WebSocket)
-    /static/...  the dashboard's files (uPlot's from the uplot-python wheel)
+    /static/...  the dashboard's files (uPlot's vendored with them)
     /api/...     REST (Klein)
     /events      SSE
     /ws          WebSocket
+
+Autobahn is imported on the first WebSocket upgrade, not before: importing
+any ``autobahn.twisted`` module loads its WAMP code and ``cryptography``
+too (about 12 MiB), which a server no WebSocket client talks to never uses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.resource import IResource, Resource
@@ -35,7 +39,6 @@ from trainstream.web.dashboard import DashboardPage, StaticFiles
 from trainstream.web.metrics import MetricsResource
 from trainstream.web.rest import RestApi
 from trainstream.web.sse import SSEResource
-from trainstream.web.ws import StreamFactory
 
 
 def listener_role(request: Request) -> str | None:
@@ -67,13 +70,24 @@ class Root(Resource):
 
 
 class WebSocketOnly(Resource):
-    """``/ws``: the WebSocket resource for upgrades, a JSON 426 for anything else."""
+    """
+    ``/ws``: the WebSocket resource for upgrades, a JSON 426 for anything else.
+    The resource is built (and Autobahn imported) on the first upgrade.
+    """
 
     isLeaf = True
 
-    def __init__(self, ws: WebSocketResource) -> None:
+    def __init__(self, build: Callable[[], Any]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.ws = ws
+        self._build = build
+        self._ws: Any = None
+
+    @property
+    def ws(self) -> Any:
+        """Autobahn's ``WebSocketResource`` over our ``StreamFactory``."""
+        if self._ws is None:
+            self._ws = self._build()
+        return self._ws
 
     def render(self, request: Request) -> bytes | int:
         if is_websocket_upgrade(request):
@@ -148,16 +162,24 @@ def build_site(backend: Backend, config: Config, reactor: IReactorTime) -> Site:
         backend.status,
         config.resolve_read_tokens(),
     )
-    factory = StreamFactory(
-        hub, clients, reactor, config.close_timeout, config.client_buffer, max_body
-    )
-    factory.access = access
-    ws = WebSocketResource(factory)
+
+    def websocket() -> Any:
+        from autobahn.twisted.resource import WebSocketResource
+
+        from trainstream.web.ws import StreamFactory
+
+        factory = StreamFactory(
+            hub, clients, reactor, config.close_timeout, config.client_buffer, max_body
+        )
+        factory.access = access
+        return WebSocketResource(factory)
+
+    ws = WebSocketOnly(websocket)
     root = Root(DashboardPage(), sse, ws)
     root.putChild(b"api", RestApi(backend).app.resource())
     root.putChild(b"metrics", MetricsResource(backend))
     root.putChild(b"events", sse)
-    root.putChild(b"ws", WebSocketOnly(ws))
+    root.putChild(b"ws", ws)
     root.putChild(b"static", StaticFiles())
     site = TrackingSite(  # type: ignore[no-untyped-call]
         root, reactor=reactor, logFormatter=access_log_line

@@ -1214,7 +1214,7 @@
   applyTheme();
   if (typeof uPlot === "undefined") {
     $("empty").textContent =
-      "The chart library did not load: the server needs the uplot-python package (pip install uplot-python).";
+      "The chart library did not load: the server is missing uPlot's files (reinstall trainstream).";
     setConnection("offline", "uPlot missing");
     return;
   }
