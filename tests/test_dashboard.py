@@ -222,7 +222,7 @@ class DashboardFilesTests(TestCase):
         return d(go())
 
     def test_static_files(self) -> Deferred[None]:
-        """uPlot comes from the uplot-python wheel; files revalidate with an ETag."""
+        """uPlot is served from the package; files revalidate with an ETag."""
 
         async def go() -> None:
             auth = {"authorization": "Bearer s3cret"}
