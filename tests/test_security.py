@@ -84,9 +84,14 @@ class RedactTests(SynchronousTestCase):
             (b"/?x=1;token=abc", b"/?x=1;token=REDACTED"),
             (b"/?tok%65n=abc", b"/?tok%65n=REDACTED"),  # Twisted decodes names too
             (b"/?token=", b"/?token=REDACTED"),
-            (b"/api/runs/token=abc", b"/api/runs/token=abc"),  # a path, not a query
-            (b"/?tokens=abc&mytoken=x", b"/?tokens=abc&mytoken=x"),
+            (b"/?tokens=abc", b"/?tokens=abc"),
             (b"/plain", b"/plain"),
+            # Shapes no token is read from, hidden anyway (a Referer may be anything):
+            (b"http://h/#token=abc", b"http://h/#token=REDACTED"),
+            (b"http://h/x?y=1?token=abc", b"http://h/x?y=1?token=REDACTED"),
+            (b"http://h/;token=abc", b"http://h/;token=REDACTED"),
+            (b"token=abc", b"token=REDACTED"),
+            (b"/?TOKEN=abc", b"/?TOKEN=REDACTED"),
         ):
             self.assertEqual(redact(uri), expected, uri)
 
@@ -170,8 +175,9 @@ class CrossSiteWriteTests(SiteTestCase):
             deleted = self.ask("DELETE", "/api/runs/r", {"Origin": origin})
             self.assert_json_error(deleted, 403, "DELETE refused")
         # A browser that sends no Origin still says the page is of another site.
-        answer = self.post({**JSON, "Sec-Fetch-Site": "cross-site"})
-        self.assert_json_error(answer, 403, "another site")
+        for fetch_site in ("cross-site", "same-site", "Cross-Site"):
+            answer = self.post({**JSON, "Sec-Fetch-Site": fetch_site})
+            self.assert_json_error(answer, 403, "another site")
         self.assertEqual(self.backend.hub.last_id, last)
         self.assertIsNotNone(self.backend.runs.get("r"))
 
@@ -253,6 +259,36 @@ class BadRequestTests(SiteTestCase):
             self.assertTrue(connection.transport.disconnecting)
             connection.send(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             self.assertEqual(connection.transport.value().count(b"HTTP/1.1"), 1, data)
+
+    def test_odd_paths_are_4xx_not_500(self) -> None:
+        """An empty segment (Werkzeug's redirect) and a path that is not UTF-8."""
+        for method in ("GET", "DELETE"):
+            for path in ("/api/runs//metrics/y", "/api/runs/%2F/metrics/y"):
+                self.assert_json_error(self.ask(method, path), 404, "no such API path")
+        for path in ("/api/runs/%FF", "/api/runs/%C0%AF", "/static/%E2%82"):
+            self.assert_json_error(self.ask("GET", path), 400, "not UTF-8")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_too_long_a_line_is_431(self) -> None:
+        for data in (
+            b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX: " + b"a" * 17_000 + b"\r\n\r\n",
+        ):
+            connection = Connection(self.site)
+            connection.send(data)
+            self.assert_json_error(connection.response(), 431, "over 16384 bytes")
+
+    def test_upgrades_autobahn_would_refuse_bare_are_json(self) -> None:
+        for headers, code, fragment in (
+            ({"Upgrade": "websocket", "Connection": "Upgrade"}, 426, "version none"),
+            ({**UPGRADE, "Sec-WebSocket-Version": "99"}, 426, "version '99'"),
+            ({**UPGRADE, "Sec-WebSocket-Key": ""}, 400, "Sec-WebSocket-Key"),
+        ):
+            answer = Connection(self.site, "ws", WS_PORT).request("GET", "/ws", headers)
+            self.assert_json_error(answer, code, fragment)
+            if code == 426:
+                self.assertEqual(answer.header("sec-websocket-version"), "13")
+                self.assertEqual(answer.status_line, "HTTP/1.1 426 Upgrade Required")
 
     def test_multipart_without_boundary_is_answered(self) -> None:
         """Twisted's form parser used to answer a bare 400 and drop the connection."""

@@ -177,6 +177,7 @@ class Response:
     def __init__(self, raw: bytes) -> None:
         head, _, rest = raw.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
+        self.status_line = lines[0]
         self.code = int(lines[0].split(" ", 2)[1])
         self.headers: dict[str, list[str]] = {}
         for line in lines[1:]:

@@ -49,22 +49,28 @@ def is_websocket_upgrade(request: Request) -> bool:
     return any(p.strip().lower() == b"websocket" for p in upgrade.split(b","))
 
 
+_TOKEN_VALUE = re.compile(rb"(?i)(token=)[^&;#\s\"]*")
+
+
 def redact(uri: bytes) -> bytes:
     """
-    ``uri`` with the value of every ``token`` query parameter replaced, for
-    logs: EventSource, browser WebSocket and dashboard clients can only send
-    their token that way.
+    ``uri`` (or a ``Referer``) with every token value replaced, for logs:
+    EventSource, browser WebSocket and dashboard clients can only send
+    their token in the URL. Each query parameter whose name decodes to
+    ``token`` (``tok%65n`` too), and any ``token=...`` anywhere else (a
+    fragment, a path, a second ``?``): a log may hide a little too much,
+    never a token.
     """
     path, mark, query = uri.partition(b"?")
-    if not mark:
-        return uri
-    parts = []
-    for part in re.split(rb"([&;])", query):
-        name, eq, _ = part.partition(b"=")
-        if eq and unquote_to_bytes(name.replace(b"+", b" ")).strip() == b"token":
-            part = name + b"=REDACTED"
-        parts.append(part)
-    return path + mark + b"".join(parts)
+    if mark:
+        parts = []
+        for part in re.split(rb"([&;])", query):
+            name, eq, _ = part.partition(b"=")
+            if eq and unquote_to_bytes(name.replace(b"+", b" ")).strip() == b"token":
+                part = name + b"=REDACTED"
+            parts.append(part)
+        uri = path + mark + b"".join(parts)
+    return _TOKEN_VALUE.sub(rb"\1REDACTED", uri)
 
 
 class _Logged:
@@ -231,6 +237,10 @@ class Access:
         """An error page if the request may not go on, else ``None``."""
         if isinstance(request, LimitedRequest) and request.too_large:
             return ErrorPage(413, body_too_large(None, request.max_body).message)
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return ErrorPage(400, "the path is not UTF-8 once its %-escapes are decoded")
         host_header = (request.getHeader(b"host") or b"").decode("latin-1")
         try:
             host = urlsplit("//" + host_header).hostname
@@ -265,7 +275,8 @@ class Access:
                     "server's; start the server with --allow-origin ORIGIN to allow it",
                 )
             # A browser that sends no Origin still says where the page came from.
-            if origin is None and request.getHeader(b"sec-fetch-site") == b"cross-site":
+            fetch_site = (request.getHeader(b"sec-fetch-site") or b"").lower()
+            if origin is None and fetch_site in (b"cross-site", b"same-site"):
                 return ErrorPage(403, f"{what} refused: sent by a page of another site")
         if writes and level == READ:
             return ErrorPage(

@@ -127,12 +127,26 @@ class TimedChannel(HTTPChannel):
         # Replays what was pipelined meanwhile (through dataReceived: a new head).
         super().requestDone(request)  # type: ignore[no-untyped-call]
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header over ``MAX_LENGTH``: 431, not a silent close."""
+        self._refuse_unparsed(
+            431,
+            b"Request Header Fields Too Large",
+            f"the request line or a header is over {self.MAX_LENGTH} bytes",
+        )
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         """
         A request Twisted cannot parse (its line, a header, the framing):
         a JSON 400 with ``Connection: close``, closed as a timeout is
         (Twisted's own is a bare 400 and our FIN).
         """
+        self._refuse_unparsed(
+            400, b"Bad Request", "malformed HTTP request: its line, a header or framing"
+        )
+
+    def _refuse_unparsed(self, code: int, reason: bytes, message: str) -> None:
+        """Answer a request that could not be parsed, read no more, close."""
         self._cancel_all()
         already = self.phase == CLOSED
         self.phase = CLOSED
@@ -140,7 +154,7 @@ class TimedChannel(HTTPChannel):
         if already or transport is None or getattr(transport, "disconnecting", False):
             return
         self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign,assignment]
-        self._answer(400, b"Bad Request", "malformed HTTP request: its line, a header or framing")
+        self._answer(code, reason, message)
         self._close(answered=True)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:

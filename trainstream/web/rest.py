@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from trainstream._version import __version__
 from trainstream.events import (
@@ -346,6 +347,13 @@ class RestApi:
         if request.path == b"/api":  # Werkzeug matches only GET on the bare prefix
             return _method_not_allowed(request, ["GET", "HEAD"])
         return error_response(request, 404, f"no such API path: {request.path.decode()}")
+
+    @app.handle_errors(RequestRedirect)
+    def redirected(self, request: IRequest, failure: Failure) -> bytes:
+        # Werkzeug would merge an empty segment away (``runs//metrics``).
+        return error_response(
+            request, 404, f"no such API path: {request.path.decode('latin-1')} (an empty segment)"
+        )
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: IRequest, failure: Failure) -> bytes:

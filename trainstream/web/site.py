@@ -64,7 +64,7 @@ class Root(Resource):
             ):
                 return self.sse
             if role in ("ws", "listen") and is_websocket_upgrade(request):
-                return self.ws
+                return self.ws  # the same guard as /ws
             return self.index
         return ErrorPage(404, f"no such page: {request.path.decode('latin-1')}")
 
@@ -90,14 +90,32 @@ class WebSocketOnly(Resource):
         return self._ws
 
     def render(self, request: Request) -> bytes | int:
-        if is_websocket_upgrade(request):
-            body: bytes | int = self.ws.render(request)  # type: ignore[no-untyped-call]
-            return body
-        return ErrorPage(
-            426,
-            "this is the WebSocket endpoint: connect with a WebSocket client (Upgrade: websocket)",
-            {b"upgrade": b"websocket"},
-        ).render(request)
+        if not is_websocket_upgrade(request):
+            return _upgrade_required(
+                request,
+                "this is the WebSocket endpoint: connect with a WebSocket client "
+                "(Upgrade: websocket)",
+            )
+        # What Autobahn would refuse with a bare status line, refused in JSON.
+        version = request.getHeader(b"sec-websocket-version")
+        if version != b"13":
+            shown = "none" if version is None else repr(version.decode("latin-1"))
+            return _upgrade_required(
+                request, f"WebSocket version {shown} not supported: send Sec-WebSocket-Version: 13"
+            )
+        if not (request.getHeader(b"sec-websocket-key") or b"").strip():
+            return ErrorPage(400, "a WebSocket upgrade needs a Sec-WebSocket-Key").render(request)
+        body: bytes | int = self.ws.render(request)  # type: ignore[no-untyped-call]
+        return body
+
+
+def _upgrade_required(request: Request, message: str) -> bytes:
+    """426 Upgrade Required (Twisted knows no phrase for it), naming the version we speak."""
+    body = ErrorPage(
+        426, message, {b"upgrade": b"websocket", b"sec-websocket-version": b"13"}
+    ).render(request)
+    request.setResponseCode(426, b"Upgrade Required")
+    return body
 
 
 class TrackingSite(Site):
