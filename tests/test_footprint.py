@@ -301,6 +301,11 @@ class IdleImportsTests(SynchronousTestCase):
         idle = child_modules(self)["idle"]
         self.assertEqual(loaded(idle, "autobahn", "trainstream.web.ws"), [])
 
+    def test_idle_server_loads_no_prometheus_client(self) -> None:
+        """``/metrics`` loads ``prometheus_client`` when first asked for, not before."""
+        idle = child_modules(self)["idle"]
+        self.assertEqual(loaded(idle, "prometheus_client"), [])
+
     def test_idle_server_loads_no_tls(self) -> None:
         """
         Without pyOpenSSL (a ``pip install .`` without the tls extra), an

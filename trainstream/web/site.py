@@ -36,7 +36,6 @@ from trainstream.web.access import (
 from trainstream.web.backend import Backend
 from trainstream.web.channel import Timeouts
 from trainstream.web.dashboard import DashboardPage, StaticFiles
-from trainstream.web.metrics import MetricsResource
 from trainstream.web.rest import RestApi
 from trainstream.web.sse import SSEResource
 
@@ -118,6 +117,30 @@ def _upgrade_required(request: Request, message: str) -> bytes:
     return body
 
 
+class Lazy(Resource):
+    """A leaf resource built at its first request (its imports with it)."""
+
+    isLeaf = True
+
+    def __init__(self, build: Callable[[], IResource]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._build = build
+        self._resource: IResource | None = None
+
+    def render(self, request: Request) -> bytes | int:
+        if self._resource is None:
+            self._resource = self._build()
+        body: bytes | int = self._resource.render(request)
+        return body
+
+
+def _metrics(backend: Backend) -> IResource:
+    # prometheus_client (about 1 MiB) is loaded when /metrics is first asked for.
+    from trainstream.web.metrics import MetricsResource
+
+    return MetricsResource(backend)
+
+
 class TrackingSite(Site):
     """
     The one ``Site``: notes on the connection, per request, whether the
@@ -195,7 +218,7 @@ def build_site(backend: Backend, config: Config, reactor: IReactorTime) -> Site:
     ws = WebSocketOnly(websocket)
     root = Root(DashboardPage(), sse, ws)
     root.putChild(b"api", RestApi(backend).app.resource())
-    root.putChild(b"metrics", MetricsResource(backend))
+    root.putChild(b"metrics", Lazy(lambda: _metrics(backend)))
     root.putChild(b"events", sse)
     root.putChild(b"ws", ws)
     root.putChild(b"static", StaticFiles())
