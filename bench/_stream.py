@@ -724,6 +724,350 @@ async def _publisher_main(reactor: Any, argv: list[str]) -> None:
     print(json.dumps(result), flush=True)
 
 
+# Raw-socket clients (one epoll loop, no Twisted): many cheap subscribers in
+# one process, for fan-out at the scale of thousands. Idle ones only read and
+# discard; active ones count events and check their ids without decoding JSON.
+
+_EV_ID = b'{"id":'
+_PING_READY = b'"nonce":"fanout-ready"'
+
+
+def nofile_of(pid: int) -> tuple[int, int]:
+    """A process's open-file limit (soft, hard), read from ``/proc/PID/limits``."""
+    with open(f"/proc/{pid}/limits", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    return -1, -1
+
+
+def busy_seconds() -> tuple[float, float]:
+    """The machine's (busy, total) CPU seconds so far, all cores, from ``/proc/stat``."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+class RawConn:
+    """One raw subscriber: its socket, handshake state and what it received."""
+
+    __slots__ = (
+        "attempts",
+        "buf",
+        "bytes",
+        "disorder",
+        "error",
+        "events",
+        "fd",
+        "first_id",
+        "gaps",
+        "kind",
+        "last_id",
+        "lost",
+        "metrics",
+        "request",
+        "sock",
+        "state",
+        "subscribe",
+    )
+
+    def __init__(self, kind: str, request: bytes, subscribe: bytes = b"") -> None:
+        self.kind = kind
+        self.request = request
+        self.subscribe = subscribe  # a WebSocket's own subscribe message (else the streams')
+        self.sock: Any = None
+        self.fd = -1
+        self.state = "new"  # new, connecting, head, subscribing, ready, closed
+        self.buf = b""
+        self.first_id = 0
+        self.last_id = 0
+        self.events = 0
+        self.metrics = 0
+        self.gaps = 0
+        self.disorder = 0
+        self.bytes = 0
+        self.lost = False
+        self.error = ""
+        self.attempts = 0
+
+
+def raw_sse_request(host: str, port: int, path: str, query: str) -> bytes:
+    return (
+        f"GET {path}{query} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+    ).encode()
+
+
+def raw_ws_request(host: str, port: int, path: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+class RawStreams:
+    """
+    ``n`` SSE or WebSocket subscribers on one epoll, connected at most
+    ``inflight`` at a time (the server's listen backlog is 50). ``active``
+    ones count the events of every complete SSE chunk / WebSocket frame
+    (``{"id":`` occurrences), check that ids go on one by one from the last
+    one seen, and take one latency sample per complete read: arrival time
+    minus the ``time`` of its *first* (oldest) event, the worst in that read.
+    Idle ones read and discard.
+    """
+
+    def __init__(
+        self,
+        conns: list[RawConn],
+        address: dict[str, tuple[str, int]],
+        ws_subscribe: bytes,
+        active: bool,
+        inflight: int = 48,
+    ) -> None:
+        import select
+
+        self.conns = conns
+        self.address = address
+        self.ws_subscribe = ws_subscribe
+        self.active = active
+        self.inflight = inflight
+        self.ep = select.epoll()
+        self.by_fd: dict[int, RawConn] = {}
+        self.lat: dict[str, array[float]] = {"sse": array("d"), "ws": array("d")}
+        self.ready = 0
+        self.failed = 0
+        self.closed_after_ready = 0
+        self.extra: dict[int, Callable[[], None]] = {}  # other fds to watch (stdin)
+
+    # Connecting
+
+    def _start(self, c: RawConn) -> None:
+        import socket
+
+        c.attempts += 1
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sock, c.fd, c.state, c.buf = s, s.fileno(), "connecting", b""
+        self.by_fd[c.fd] = c
+        s.connect_ex(self.address[c.kind])
+        import select
+
+        self.ep.register(c.fd, select.EPOLLOUT | select.EPOLLIN)
+
+    def connect_all(self, deadline_s: float) -> float:
+        """Connect and subscribe every client; the seconds it took."""
+        import select
+
+        t0 = time.monotonic()
+        waiting = deque(self.conns)
+        busy = 0
+        while (waiting or busy) and time.monotonic() - t0 < deadline_s:
+            while waiting and busy < self.inflight:
+                self._start(waiting.popleft())
+                busy += 1
+            for fd, ev in self.ep.poll(0.2):
+                c = self.by_fd.get(fd)
+                if c is None:
+                    self.extra.get(fd, lambda: None)()
+                    continue
+                before = c.state
+                if c.state == "connecting":
+                    import socket
+
+                    err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self._drop(c, f"connect: {os.strerror(err)}")
+                    else:
+                        c.state = "head"
+                        c.sock.send(c.request)
+                        self.ep.modify(fd, select.EPOLLIN)
+                elif ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    self._readable(c)
+                if before != "ready" and c.state in ("ready", "closed"):
+                    busy -= 1
+                    if c.state == "closed" and c.attempts < 3 and c.error.startswith("connect"):
+                        waiting.append(c)  # retried: a refused SYN is not the server's answer
+        for c in self.conns:
+            if c.state not in ("ready", "closed"):
+                self._drop(c, "not subscribed in time")
+        self.ready = sum(1 for c in self.conns if c.state == "ready")
+        self.failed = len(self.conns) - self.ready
+        return time.monotonic() - t0
+
+    def _drop(self, c: RawConn, why: str) -> None:
+        if c.state == "ready":
+            self.closed_after_ready += 1
+        c.lost = c.state == "ready"
+        c.state, c.error = "closed", why
+        self.by_fd.pop(c.fd, None)
+        try:
+            self.ep.unregister(c.fd)
+        except (OSError, ValueError):
+            pass
+        c.sock.close()
+
+    # Reading
+
+    def _readable(self, c: RawConn) -> None:
+        try:
+            data = c.sock.recv(1 << 18)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._drop(c, f"recv: {e}")
+            return
+        if not data:
+            self._drop(c, "closed by the server")
+            return
+        c.bytes += len(data)
+        if c.state == "ready" and not self.active and c.kind == "sse":
+            return  # idle SSE: discard
+        buf = c.buf + data if c.buf else data
+        if c.state == "head":
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                c.buf = buf
+                return
+            status = buf[: buf.find(b"\r\n")]
+            buf = buf[end + 4 :]
+            if c.kind == "sse":
+                if b" 200 " not in status + b" ":
+                    self._drop(c, f"sse: {status!r}")
+                    return
+                c.state = "ready"
+            else:
+                if b" 101 " not in status + b" ":
+                    self._drop(c, f"ws: {status!r}")
+                    return
+                c.sock.send(
+                    ws_frame(c.subscribe or self.ws_subscribe)
+                    + ws_frame(b'{"op":"ping","nonce":"fanout-ready"}')
+                )
+                c.state = "subscribing"
+        if c.kind == "sse":
+            if self.active:
+                # Each chunk is one write of whole SSE blocks; count up to the last whole one.
+                end = buf.rfind(b"\n\n\r\n")
+                if end >= 0:
+                    self._count(c, buf[: end + 4], time.time())
+                    buf = buf[end + 4 :]
+            c.buf = buf
+            return
+        c.buf = self._frames(c, buf)
+
+    def _frames(self, c: RawConn, buf: bytes) -> bytes:
+        i, n = 0, len(buf)
+        now = 0.0
+        while n - i >= 2:
+            b0, b1 = buf[i], buf[i + 1]
+            length, at = b1 & 0x7F, i + 2
+            if length == 126:
+                if n - at < 2:
+                    break
+                (length,) = struct.unpack_from("!H", buf, at)
+                at += 2
+            elif length == 127:
+                if n - at < 8:
+                    break
+                (length,) = struct.unpack_from("!Q", buf, at)
+                at += 8
+            if n - at < length:
+                break
+            opcode = b0 & 0x0F
+            if opcode == 1:
+                if not b0 & 0x80:
+                    self._drop(c, "ws: fragmented message (not handled by this client)")
+                    return b""
+                if c.state == "ready":
+                    if self.active and buf.startswith(b'{"op":"events"', at):
+                        if not now:
+                            now = time.time()
+                        self._count(c, buf[at : at + length], now)
+                elif buf.find(_PING_READY, at, at + length) >= 0:
+                    c.state = "ready"
+                elif buf.startswith(b'{"op":"error"', at):
+                    self._drop(c, f"ws: {buf[at : at + length][:200]!r}")
+                    return b""
+            elif opcode == 8:
+                self._drop(c, f"ws: close {buf[at : at + length][:120]!r}")
+                return b""
+            elif opcode == 9:
+                c.sock.send(ws_frame(buf[at : at + length], 10))
+            i = at + length
+        return buf[i:]
+
+    def _count(self, c: RawConn, blob: bytes, now: float) -> None:
+        n = blob.count(_EV_ID)
+        if not n:
+            return
+        i = blob.find(_EV_ID)
+        first = int(blob[i + 6 : blob.find(b",", i)])
+        j = blob.rfind(_EV_ID)
+        last = int(blob[j + 6 : blob.find(b",", j)])
+        if c.last_id:
+            if first <= c.last_id:
+                c.disorder += 1
+            elif first != c.last_id + 1:
+                c.gaps += first - c.last_id - 1
+        else:
+            c.first_id = first
+        if last - first + 1 != n:
+            c.gaps += abs(last - first + 1 - n)
+        c.last_id = last
+        c.events += n
+        c.metrics += blob.count(_METRIC)
+        m = _TIME.search(blob, i)
+        if m is not None:
+            self.lat[c.kind].append((now - float(m.group(1))) * 1000.0)
+
+    def pump(self, seconds: float) -> None:
+        """Read for up to ``seconds``; early when a watched fd's callback raises StopIteration."""
+        import select
+
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            for fd, ev in self.ep.poll(min(left, 0.2)):
+                c = self.by_fd.get(fd)
+                if c is None:
+                    callback = self.extra.get(fd)
+                    if callback is not None:
+                        try:
+                            callback()
+                        except StopIteration:
+                            return
+                    continue
+                if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    self._readable(c)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        import select
+
+        self.extra[fd] = callback
+        self.ep.register(fd, select.EPOLLIN)
+
+    def close_all(self) -> None:
+        """Abort every connection (SO_LINGER 0: no TIME_WAIT left behind)."""
+        import socket
+
+        for c in self.conns:
+            if c.state != "closed" and c.sock is not None:
+                try:
+                    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+                c.sock.close()
+                c.state = "closed"
+
+
 if __name__ == "__main__":
     import sys
 
