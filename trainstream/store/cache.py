@@ -73,12 +73,8 @@ class RecentEvents:
 
     def extend(self, records: Sequence[Record]) -> bool:
         """Add newer ``records`` (slim); whether older ones were dropped for them."""
-        held = self._records
-        added = 0
-        for r in records:
-            held.append(r.slim())
-            added += r.size
-        self._bytes += added + RECORD_OVERHEAD * len(records)
+        self._records.extend([r.slim() for r in records])
+        self._bytes += sum([r.size for r in records]) + RECORD_OVERHEAD * len(records)
         return self._evict()
 
     def _evict(self) -> bool:

@@ -69,6 +69,19 @@ class Filter:
     def matches(self, record: Record) -> bool:
         return self.accepts(record.type, record.run, record.name)
 
+    def select(self, records: Iterable[Record]) -> list[Record]:
+        """
+        The ``records`` it ``matches``, in order: one pass, with no call per
+        record when it only looks at types (the Hub's fan-out, per batch).
+        """
+        if self._runs is None and self._names is None:
+            types = self._types
+            if types is None:
+                return list(records)
+            return [r for r in records if r.type in types]
+        accepts = self.accepts
+        return [r for r in records if accepts(r.type, r.run, r.name)]
+
     def accepts(self, kind: str, run: str, name: str | None) -> bool:
         """``matches`` on the fields alone, for rows not yet made records."""
         if self._types is not None and kind not in self._types:
