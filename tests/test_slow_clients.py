@@ -228,7 +228,7 @@ class SlowClientTests(TestCase):
             stalled = await self.stalled()
             await self.wait_for_subscriptions(4)
             hub = self.server.hub
-            subscriptions = list(hub._subscriptions)
+            subscriptions = hub.subscriptions()
             start_rss = rss()
             names = [f"layer{i}/grad_norm" for i in range(8)]
             published = 0

@@ -33,15 +33,16 @@ def make_record(event_id: int, event: dict[str, object], segment: int = 0) -> Re
     event = {"id": event_id, **event}
     name = event.get("name")
     text = encode_event(event)
+    # Positional: a keyword call of the attrs __init__ costs half again as much.
     return Record(
-        id=event_id,
-        type=str(event["type"]),
-        run=str(event["run"]),
-        name=name if isinstance(name, str) else None,
-        event=event,
-        json=text,
-        size=len(text),
-        segment=segment,
+        event_id,
+        str(event["type"]),
+        str(event["run"]),
+        name if isinstance(name, str) else None,
+        event,
+        text,
+        len(text),
+        segment,
     )
 
 
@@ -108,7 +109,11 @@ class Hub:
         self._next_id: int | None = None  # read from the store once it is open
         self._visible = 0  # the newest id committed and offered to subscribers
         self._segments: Segments | None = None
-        self._subscriptions: dict[Subscription, None] = {}
+        # Live subscriptions grouped by filter (in subscription order within
+        # each): a batch is filtered once per distinct filter, and a filter
+        # it has nothing for costs its subscribers nothing.
+        self._by_filter: dict[Filter, dict[Subscription, None]] = {}
+        self._count = 0
         self._follow: list[dict[str, object]] = []  # what observers returned, to accept
         self._following = False
         self.accepted_total = 0
@@ -147,7 +152,11 @@ class Hub:
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscriptions)
+        return self._count
+
+    def subscriptions(self) -> list[Subscription]:
+        """Every live subscription, grouped by filter."""
+        return [s for group in self._by_filter.values() for s in group]
 
     def accept(self, items: object) -> tuple[int, int, int]:
         """
@@ -228,16 +237,12 @@ class Hub:
         self._visible = max(self._visible, records[-1].id)
         # Clients mostly share a few filters: filter once per distinct filter,
         # and hand them all the same list (so sinks can share formatting).
-        filtered: dict[Filter, list[Record]] = {}
-        for subscription in list(self._subscriptions):
-            flt = subscription.filter
-            if flt.matches_all:
-                subscription.offer(records)
-                continue
-            wanted = filtered.get(flt)
-            if wanted is None:
-                wanted = filtered[flt] = [r for r in records if flt.matches(r)]
-            subscription.offer(wanted)
+        # 9,000 idle subscribers of one quiet run cost one select a batch.
+        for flt, group in list(self._by_filter.items()):
+            wanted = records if flt.matches_all else flt.select(records)
+            if wanted:
+                for subscription in list(group):
+                    subscription.offer(wanted)
         for observer in self.observers:
             self._follow.extend(observer(records) or ())
         self._accept_follow()
@@ -255,9 +260,14 @@ class Hub:
         subscription (so its producer can pause it), calls ``start(after)``.
         """
         subscription = Subscription(self, sink, flt, limit_bytes, clock, min_interval)
-        self._subscriptions[subscription] = None
+        self._by_filter.setdefault(flt, {})[subscription] = None
+        self._count += 1
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.pop(subscription, None)
+        group = self._by_filter.get(subscription.filter)
+        if group is not None and group.pop(subscription, 0) is None:
+            self._count -= 1
+            if not group:
+                del self._by_filter[subscription.filter]
         subscription.close()
