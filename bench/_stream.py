@@ -318,6 +318,29 @@ class SSEClient(Client):
         return b"".join(out)
 
 
+def frame_head(buf: bytes, i: int) -> tuple[int, int, int, int] | None:
+    """
+    The WebSocket frame header at ``buf[i:]``: its two first bytes, where its
+    payload starts and its length; ``None`` while the header is incomplete.
+    """
+    n = len(buf)
+    if n - i < 2:
+        return None
+    b0, b1 = buf[i], buf[i + 1]
+    length, at = b1 & 0x7F, i + 2
+    if length == 126:
+        if n - at < 2:
+            return None
+        (length,) = struct.unpack_from("!H", buf, at)
+        at += 2
+    elif length == 127:
+        if n - at < 8:
+            return None
+        (length,) = struct.unpack_from("!Q", buf, at)
+        at += 8
+    return b0, b1, at, length
+
+
 def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
     """One masked client frame."""
     n = len(payload)
@@ -392,19 +415,8 @@ class WSClient(Client):
     def body(self, data: bytes, now: float) -> None:
         buf = self._buf + data
         i, n = 0, len(buf)
-        while n - i >= 2:
-            b0, b1 = buf[i], buf[i + 1]
-            length, at = b1 & 0x7F, i + 2
-            if length == 126:
-                if n - at < 2:
-                    break
-                (length,) = struct.unpack_from("!H", buf, at)
-                at += 2
-            elif length == 127:
-                if n - at < 8:
-                    break
-                (length,) = struct.unpack_from("!Q", buf, at)
-                at += 8
+        while (head := frame_head(buf, i)) is not None:
+            b0, b1, at, length = head
             if b1 & 0x80:
                 self.fail("ws: masked frame from the server")
                 return
@@ -964,19 +976,8 @@ class RawStreams:
     def _frames(self, c: RawConn, buf: bytes) -> bytes:
         i, n = 0, len(buf)
         now = 0.0
-        while n - i >= 2:
-            b0, b1 = buf[i], buf[i + 1]
-            length, at = b1 & 0x7F, i + 2
-            if length == 126:
-                if n - at < 2:
-                    break
-                (length,) = struct.unpack_from("!H", buf, at)
-                at += 2
-            elif length == 127:
-                if n - at < 8:
-                    break
-                (length,) = struct.unpack_from("!Q", buf, at)
-                at += 8
+        while (head := frame_head(buf, i)) is not None:
+            b0, _, at, length = head
             if n - at < length:
                 break
             opcode = b0 & 0x0F
