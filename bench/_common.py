@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +13,15 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TREE_PACKAGE = REPO_ROOT / "trainstream"
+
+
+def wait_or_kill(proc: subprocess.Popen[Any], seconds: float) -> int:
+    """Wait ``seconds`` for a child that was told to stop, then kill it; its exit code."""
+    try:
+        return proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

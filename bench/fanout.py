@@ -50,7 +50,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from _common import REPO_ROOT, machine_lines, percentile, summary_line
+from _common import REPO_ROOT, machine_lines, percentile, summary_line, wait_or_kill
 from _stream import (
     RUN,
     RawConn,
@@ -227,11 +227,7 @@ class Worker:
                 self.tell("stop")
             except (BrokenPipeError, OSError):
                 pass
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            wait_or_kill(self.proc, 30)
         self._stderr.close()
 
 
@@ -539,11 +535,7 @@ def start_py_spy(pid: int, seconds: float, scratch: Path) -> tuple[subprocess.Po
 
 def print_py_spy(proc: subprocess.Popen[bytes], out: Path, top: int = 18) -> None:
     """The server's hottest functions: own samples and samples anywhere on the stack."""
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    wait_or_kill(proc, 60)
     if not out.exists():
         print("  py-spy: no profile written (is ptrace allowed?)")
         return

@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 from time import perf_counter
 
-from _common import REPO_ROOT, machine_lines
+from _common import REPO_ROOT, machine_lines, wait_or_kill
 
 IMPORT_RUNS = 5
 RSS_RUNS = 3
@@ -297,11 +297,7 @@ def twistd_once(venv: Path, work: Path) -> tuple[int | None, set[str], str]:
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            wait_or_kill(proc, 10)
     try:
         modules = set(json.loads(modules_file.read_text()))
     except (OSError, ValueError):

@@ -71,6 +71,7 @@ from _common import (
     summary_line,
     use_old_inbox,
     use_tree,
+    wait_or_kill,
 )
 from _stream import (
     LISTEN,
@@ -355,11 +356,7 @@ class Child:
                 self.proc.stdin.close()
             except OSError:
                 pass
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            wait_or_kill(self.proc, 30)
         return self.proc.returncode
 
 
