@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_client import FakeTransport
+from tests.test_client import PublisherTestCase
 from trainstream.api import Event
 from trainstream.client.publisher import Publisher
 from trainstream.hub import Hub
@@ -324,18 +324,10 @@ class ServerInboxTests(SynchronousTestCase):
         self.successResultOf(d)
 
 
-class PublisherBatchingTests(SynchronousTestCase):
+class PublisherBatchingTests(PublisherTestCase):
     """The remote ``Publisher``: the same rules, with one POST under way at a time."""
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.server = FakeTransport(self.clock)
-
-    def publisher(self, **kw: Any) -> Publisher:
-        kw.setdefault("report_every", 0)
-        kw.setdefault("flush_at_exit", 0)
-        kw.setdefault("linger", WINDOW)
-        return Publisher("http://h:1", "r", clock=self.clock, transport=self.server, **kw)
+    defaults = {"linger": WINDOW}
 
     def test_defaults_meet_the_goal(self) -> None:
         pub = Publisher(

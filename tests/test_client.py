@@ -268,18 +268,24 @@ class FakeTransport:
         return [e["step"] for e in self.stored if e["type"] == "metric"]
 
 
-class PublisherRulesTests(SynchronousTestCase):
-    """How the Publisher sends, in virtual time: no thread, no socket."""
+class PublisherTestCase(SynchronousTestCase):
+    """A Publisher on a ``FakeTransport`` in virtual time; ``defaults`` per test class."""
+
+    defaults: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.server = FakeTransport(self.clock)
 
     def publisher(self, **kw: Any) -> Publisher:
-        kw.setdefault("report_every", 0)
-        kw.setdefault("flush_at_exit", 0)
-        kw.setdefault("max_backoff", 2.0)
+        kw = {"report_every": 0, "flush_at_exit": 0, **self.defaults, **kw}
         return Publisher("http://h:1", "r", clock=self.clock, transport=self.server, **kw)
+
+
+class PublisherRulesTests(PublisherTestCase):
+    """How the Publisher sends, in virtual time: no thread, no socket."""
+
+    defaults = {"max_backoff": 2.0}
 
     def test_idle_at_once_busy_gathers_for_the_linger(self) -> None:
         """
