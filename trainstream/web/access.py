@@ -8,7 +8,7 @@ import hmac
 import io
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -41,6 +41,17 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def token_given(authorization: bytes, query_tokens: Sequence[bytes]) -> bytes:
+    """
+    The token a client gave (``b""`` for none): ``Authorization: Bearer``,
+    else the first ``?token=`` (for EventSource and browser WebSocket).
+    """
+    scheme, _, value = authorization.partition(b" ")
+    if scheme.lower() == b"bearer" and value.strip():
+        return value.strip()
+    return query_tokens[0] if query_tokens else b""
 
 
 def is_websocket_upgrade(request: Request) -> bool:
@@ -301,12 +312,9 @@ class Access:
         return level
 
     def _given_token(self, request: Request) -> bytes:
-        auth = request.getHeader(b"authorization") or b""
-        scheme, _, value = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and value.strip():
-            return value.strip()
-        values = (request.args or {}).get(b"token")
-        return values[0] if values else b""
+        return token_given(
+            request.getHeader(b"authorization") or b"", (request.args or {}).get(b"token", [])
+        )
 
     def origin_allowed(self, request: Request, origin: str) -> bool:
         if origin.rstrip("/").lower() in self.allow_origin:

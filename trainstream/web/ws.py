@@ -23,7 +23,7 @@ from trainstream.events.rules import show
 from trainstream.hub import Hub
 from trainstream.store import Record
 from trainstream.subscription import DEFAULT_CLIENT_BUFFER, SharedFormat, Subscription
-from trainstream.web.access import WRITE, Access
+from trainstream.web.access import WRITE, Access, token_given
 from trainstream.web.clients import Clients
 from trainstream.web.frames import render_events
 from trainstream.web.query import BadQueryError, filter_from_lists
@@ -73,13 +73,9 @@ def given_token(request: ConnectionRequest, uri: str) -> bytes:
     Autobahn decoded both as Latin-1, which gives the bytes back exactly.
     """
     header: str = request.headers.get("authorization", "")
-    auth = header.encode("latin-1")
-    scheme, _, value = auth.partition(b" ")
-    if scheme.lower() == b"bearer" and value.strip():
-        return value.strip()
     query = uri.encode("latin-1").partition(b"?")[2]
     values: list[bytes] = parse_qs(query, keep_blank_values=True).get(b"token", [])
-    return values[0] if values else b""
+    return token_given(header.encode("latin-1"), values)
 
 
 @implementer(IPushProducer)
