@@ -384,3 +384,80 @@ class RunPathTests(SynchronousTestCase):
         }
         for raw, expected in cases.items():
             self.assertEqual(split_run_path(raw.split(b"/")), expected, raw)
+
+
+_STATES = ["created", "running", "paused", "finished", "failed", "stalled"]
+_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64), st.integers(-(2**63), 2**63 - 1)
+)
+_EVENTS = st.one_of(
+    st.builds(
+        lambda run, name, step, value, t: {
+            "type": "metric",
+            "run": run,
+            "name": name,
+            "step": step,
+            "value": value,
+            "time": t,
+        },
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["loss", "acc"]),
+        st.integers(0, 5),
+        _VALUES,
+        st.floats(0.0, 100.0),
+    ),
+    st.builds(
+        lambda run, state, t: {"type": "status", "run": run, "state": state, "time": t},
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(_STATES),
+        st.floats(0.0, 100.0),
+    ),
+    st.builds(
+        lambda run, t: {
+            "type": "alert",
+            "run": run,
+            "kind": "nan",
+            "name": "loss",
+            "message": "m",
+            "time": t,
+        },
+        st.sampled_from(["a", "b"]),
+        st.floats(0.0, 100.0),
+    ),
+)
+
+
+class BatchPathTests(SynchronousTestCase):
+    """The registry's loop over a batch does for metrics exactly what ``_apply`` does."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(_EVENTS, max_size=30))
+    def test_batch_loop_is_apply_one_by_one(self, events: list[dict[str, Any]]) -> None:
+        from trainstream.hub import make_record
+
+        records = [make_record(i + 1, e) for i, e in enumerate(events)]
+        clock = Clock()
+        batched = RunsService(Hub(MemoryStore(100)), clock, 30.0)
+        single = RunsService(Hub(MemoryStore(100)), clock, 30.0)
+        batch_alerts: list[dict[str, object]] = []
+        batched._apply_all(records, batch_alerts)
+        single_alerts: list[dict[str, object]] = []
+        for record in records:
+            single._apply(record, clock.seconds(), single_alerts)
+
+        def state(service: RunsService) -> Any:
+            return {
+                name: (
+                    info.state,
+                    info.created,
+                    info.updated,
+                    info.last_seen,
+                    info.last_step,
+                    {m: s.to_json() for m, s in info.metrics.items()},
+                )
+                for name, info in service._runs.items()
+            }
+
+        self.assertEqual(repr(state(batched)), repr(state(single)))  # repr: NaN == NaN
+        self.assertEqual(batch_alerts, single_alerts)
+        self.assertEqual(batched._nan_alerted, single._nan_alerted)

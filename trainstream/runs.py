@@ -43,6 +43,8 @@ _log = Logger()
 WATCHED_STATES = frozenset({"running", "created"})
 #: Event types that move a stalled run back to running.
 _ALIVE_TYPES = frozenset({"metric", "log", "hparams"})
+#: The states a metric puts back to "running" (stalled: alive again; created: started).
+_REVIVED_BY_METRIC = frozenset({"stalled", "created"})
 
 
 @define
@@ -282,8 +284,41 @@ class RunsService(Service):
 
     def _apply_all(self, records: Iterable[Record], alerts: list[dict[str, object]]) -> None:
         now = self.clock.seconds()
+        runs = self._runs
+        apply = self._apply
+        # Most records are metrics of the run before them: those take this
+        # loop, which does what _apply does for a metric (the tests compare
+        # the two), with the run looked up once per stretch.
+        last_run: str | None = None
+        info: RunInfo | None = None
         for record in records:
-            self._apply(record, now, alerts)
+            name = record.name
+            if record.type != "metric" or name is None:
+                apply(record, now, alerts)
+                last_run = None
+                continue
+            event = record.event
+            t = cast(float, event["time"])
+            if record.run != last_run or info is None:
+                last_run = record.run
+                info = runs.get(last_run)
+                if info is None:
+                    info = RunInfo(last_run, "running", created=t, updated=t, last_seen=now)
+                    runs[last_run] = info
+            if t > info.updated:
+                info.updated = t
+            info.last_seen = now
+            if info.state in _REVIVED_BY_METRIC:
+                info.state = "running"
+            step = cast(int, event["step"])
+            value = cast(float, event["value"])
+            info.last_step = step
+            summary = info.metrics.get(name)
+            if summary is None:
+                summary = info.metrics[name] = MetricSummary()
+            summary.add(step, value)
+            if isinstance(value, float) and not -math.inf < value < math.inf:
+                self._non_finite(record.run, name, step, value, alerts)
 
     def _apply(self, record: Record, now: float, alerts: list[dict[str, object]]) -> None:
         event = record.event
@@ -320,18 +355,24 @@ class RunsService(Service):
                 summary = info.metrics[name] = MetricSummary()
             summary.add(step, value)
             if isinstance(value, float) and not math.isfinite(value):
-                key = (record.run, name)
-                if key not in self._nan_alerted:
-                    self._nan_alerted.add(key)
-                    alerts.append(
-                        {
-                            "type": "alert",
-                            "run": record.run,
-                            "kind": "nan",
-                            "name": name,
-                            "message": f"{name} is {non_finite_name(value)} at step {step}",
-                        }
-                    )
+                self._non_finite(record.run, name, step, value, alerts)
+
+    def _non_finite(
+        self, run: str, name: str, step: int, value: float, alerts: list[dict[str, object]]
+    ) -> None:
+        """A metric went NaN or infinite: one ``nan`` alert per series, ever."""
+        key = (run, name)
+        if key not in self._nan_alerted:
+            self._nan_alerted.add(key)
+            alerts.append(
+                {
+                    "type": "alert",
+                    "run": run,
+                    "kind": "nan",
+                    "name": name,
+                    "message": f"{name} is {non_finite_name(value)} at step {step}",
+                }
+            )
 
 
 __all__ = ["WATCHED_STATES", "MetricSummary", "RunInfo", "RunsService"]

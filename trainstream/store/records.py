@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from attrs import Factory, field, frozen
+from attrs import Factory, define, field, frozen
 
 #: One point of a metric's history: ``(step, value, time)``. ``value`` may be
 #: a non-finite float (NaN, infinities); the JSON codec writes those as strings.
@@ -24,11 +24,16 @@ def decode_event(text: str, kind: str) -> dict[str, object]:
     return event
 
 
-@frozen
+@define(unsafe_hash=True)
 class Record:
     """
     One accepted event: its id, the fields filters look at, the event as a
     dict, and its JSON encoded once for every client.
+
+    A value, never changed once made; not ``frozen`` only because a frozen
+    attrs class sets each field through ``object.__setattr__``, which made
+    creating one 3.6 times as costly (0.61 against 0.17 us; two are made
+    per accepted event: the one in flight and the cache's slim one).
 
     A record in flight (just accepted: fanned out, observed, written) keeps
     the dict it was made from. A record kept for later (the recent-events
