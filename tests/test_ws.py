@@ -67,6 +67,32 @@ class SessionTests(WSTestCase):
         self.assertEqual(len(ws.client.events), 5)
         self.assertEqual(self.hub.subscriber_count, 0)
 
+    def test_a_batch_is_framed_once_for_every_client(self) -> None:
+        """One frame's bytes for all: Autobahn's own framing of the message, made once."""
+        sessions = [self.connect() for _ in range(5)]
+        for ws in sessions:
+            ws.send({"op": "subscribe", "runs": ["*"]})
+        framed: list[bytes] = []
+        events_frame = self.factory.events_frame
+
+        def counting(records: Any, coalesced: Any) -> bytes:
+            framed.append(events_frame(records, coalesced))
+            return framed[-1]
+
+        self.factory.events_frame = counting  # type: ignore[method-assign]
+        self.hub.accept([metric("r1", s, s / 10) for s in range(3)])
+        for ws in sessions:
+            ws.flush()
+        self.assertEqual(len(framed), 1)
+        message = self.factory.prepareMessage(  # type: ignore[no-untyped-call]
+            b'{"op":"events","events":['
+            + b",".join(r.json.encode() for r in self.hub.store.after(0, lambda r: True))
+            + b"]}"
+        )
+        self.assertEqual(framed[0], message.payloadHybi)
+        for ws in sessions:
+            self.assertEqual([e["step"] for e in ws.client.events], [0, 1, 2])
+
     def test_filters(self) -> None:
         ws = self.connect()
         ws.send({"op": "subscribe", "runs": ["keep*"], "types": ["metric"]})

@@ -255,8 +255,15 @@ class StreamSession(WebSocketServerProtocol):
         if self.state != WebSocketProtocol.STATE_OPEN:
             self._unsubscribe()  # closing: nothing more goes out
             return
-        frame = self.factory.shared.get(records, coalesced, render_events)
-        self.sendMessage(frame)  # type: ignore[no-untyped-call]
+        frame = self.factory.shared.get(records, coalesced, self.factory.events_frame)
+        if self._perMessageCompress is None and not self.send_queue:
+            # sendPreparedMessage's path without its per-call debug line, whose
+            # arguments Autobahn formats even when debug is off (2.8 us a call:
+            # a quarter of a core at 1,000 clients and 100 batches/s).
+            self.transport.write(frame)  # type: ignore[union-attr]
+            self.trafficStats.outgoingOctetsWireLevel += len(frame)
+        else:
+            self.sendData(frame)  # type: ignore[no-untyped-call]
 
     def overflow(self, reason: str, last_id: int) -> None:
         """Too slow: say why and where to resume, then close (1013, try again later)."""
@@ -328,7 +335,7 @@ class StreamFactory(WebSocketServerFactory):
         self.clients = clients
         self.clock = clock
         self.buffer_bytes = buffer_bytes
-        self.shared = SharedFormat()
+        self.shared = SharedFormat()  # of events_frame
         self.setProtocolOptions(  # type: ignore[no-untyped-call]
             closeHandshakeTimeout=close_timeout,
             openHandshakeTimeout=10,
@@ -340,3 +347,13 @@ class StreamFactory(WebSocketServerFactory):
             # client can read, not a dropped connection (Autobahn's default).
             failByDrop=False,
         )
+
+    def events_frame(self, records: Sequence[Record], coalesced: Mapping[int, int]) -> bytes:
+        """
+        The whole WebSocket frame of an ``events`` message, header included:
+        the same bytes for every client (the server masks nothing and
+        compresses nothing), so a batch is framed once, not once per client.
+        """
+        prepared = self.prepareMessage(render_events(records, coalesced))  # type: ignore[no-untyped-call]
+        frame: bytes = prepared.payloadHybi
+        return frame
