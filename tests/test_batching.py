@@ -8,6 +8,7 @@ hand-overs, each event at most a window late; order, flush and the rule
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -413,3 +414,49 @@ class PublisherBatchingTests(PublisherTestCase):
         self.assertEqual(self.server.times(), [0.0, 1.0])
         self.assertTrue(pub.flush(timeout=0))
         self.assertEqual(self.clock.getDelayedCalls(), [])  # the linger's call is gone
+
+    def test_a_busier_loop_waits_longer_up_to_a_bound(self) -> None:
+        """
+        5,000 events/s (5 metrics at 1 kHz): the wait grows with the rate
+        (2.5 lingers at the default busy_rate), so there are fewer POSTs,
+        each event at most that wait late; back at 1 kHz it is one linger
+        again, and after a quiet spell an event goes at once.
+        """
+        pub = self.publisher()
+        self.clock.advance(0)
+        logged: dict[int, float] = {}
+        metrics = {f"m{i}": 0.5 for i in range(5)}
+        for step in range(2000):
+            logged[step] = self.clock.seconds()
+            pub.log(metrics, step=step)
+            self.clock.advance(TICK)
+        busy_posts = len(self.server.posts)
+        self.assertAlmostEqual(pub.wait, WINDOW * 5000 / pub.busy_rate, delta=WINDOW * 0.3)
+        delays = [
+            when - logged[e["step"]] for when, events in self.server.posts for e in events
+            if e["type"] == "metric"
+        ]  # fmt: skip
+        self.assertLessEqual(max(delays), pub.max_linger + TICK + 1e-9)
+        # about 2 s / 2.5 lingers, instead of 2 s / 1 linger at 1 kHz
+        self.assertLess(busy_posts, 2.0 / WINDOW / 2)
+        self.assertGreater(busy_posts, 2.0 / (WINDOW * 2.5) / 2)
+        for step in range(2000, 2300):  # 1 kHz again
+            pub.log({"m0": 0.5}, step=step)
+            self.clock.advance(TICK)
+        self.assertEqual(pub.wait, WINDOW)
+        self.clock.pump([TICK] * 50)
+        self.clock.advance(5.0)
+        pub.log({"m0": 0.5}, step=3000)
+        self.clock.advance(0)
+        self.assertEqual(self.server.times()[-1], self.clock.seconds())  # idle: at once
+        self.assertEqual(self.server.steps()[-1], 3000)
+
+    def test_the_wait_never_passes_max_linger(self) -> None:
+        pub = self.publisher(max_linger=WINDOW * 3)
+        self.clock.advance(0)
+        for step in range(500):
+            pub.log({f"m{i}": 0.5 for i in range(100)}, step=step)  # 100,000 events/s
+            self.clock.advance(TICK)
+        self.assertEqual(pub.wait, WINDOW * 3)
+        gaps = [b - a for a, b in itertools.pairwise(self.server.times()[1:])]
+        self.assertLessEqual(max(gaps), WINDOW * 3 + TICK + 1e-9)

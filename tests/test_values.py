@@ -171,6 +171,58 @@ class RunLogRulesTests(SynchronousTestCase):
         return events[0]
 
 
+class PublisherLogRulesTests(SynchronousTestCase):
+    """The remote Publisher's shortcut queues what metric_events makes, or refuses alike."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        value=st.one_of(
+            st.integers(min_value=-(2**70), max_value=2**70),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.sampled_from(["NaN", "1", ""]),
+            st.booleans(),
+            st.none(),
+        ),
+        step=st.one_of(st.integers(min_value=-5, max_value=2**70), st.floats(), st.booleans()),
+        time_s=st.one_of(
+            st.none(),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(min_value=-5, max_value=2**70),
+        ),
+        known=st.booleans(),
+    )
+    def test_publisher_log_is_metric_events(
+        self, value: Any, step: Any, time_s: Any, known: bool
+    ) -> None:
+        from twisted.internet.task import Clock
+
+        from trainstream.client.publisher import Publisher
+        from trainstream.events import metric_events
+
+        publisher = Publisher(
+            "http://127.0.0.1:9", "r", clock=Clock(), transport=None, report_every=0,
+            flush_at_exit=0,
+        )  # fmt: skip
+        publisher._pending.clear()  # its "created" status
+        if known:
+            publisher._checked_names.add("loss")
+        t = 1.5 if time_s is None else time_s
+        try:
+            expected = metric_events("r", {"loss": value}, step, t, set(publisher._checked_names))
+        except EventError as e:
+            with self.assertRaises(EventError) as cm:
+                publisher.log({"loss": value}, step=step, time_s=t)
+            self.assertEqual((cm.exception.field, cm.exception.detail), (e.field, e.detail))
+            self.assertEqual(len(publisher._pending), 0)
+            return
+        publisher.log({"loss": value}, step=step, time_s=t)
+        self.assertEqual(json.dumps(list(publisher._pending)), json.dumps(expected))
+        self.assertEqual(
+            [type(v) for e in publisher._pending for v in e.values()],
+            [type(v) for e in expected for v in e.values()],
+        )
+
+
 class EmbeddedSQLiteTests(TestCase):
     """The issue's own call, on a real server with a SQLite history."""
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from trainstream.api import Event, RunAPI
-from trainstream.events import metric_events
+from trainstream.events import metric_events, plain_log
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -196,33 +196,12 @@ class Run(RunAPI):
             ``POST /api/events``); nothing of this call is queued then.
         """
         t = time.time() if time_s is None else time_s
-        # The common call: known names, plain numbers well inside the rules
-        # (a float time >= 0 and finite, a step and int values in 64 bits).
-        # Queue them as they are (floats and ints are immutable); the reactor
-        # thread builds the events. Anything else, valid or not, takes
-        # metric_events, which applies every rule of validate_event.
-        if (
-            type(step) is int
-            and 0 <= step <= 9223372036854775807  # 2**63 - 1
-            and type(metrics) is dict
-            and (
-                time_s is None  # time.time(): a float >= 0, finite
-                or (type(t) is float and 0.0 <= t <= 1.7976931348623157e308)  # NaN fails too
-            )
-        ):
-            checked = self._checked_names
-            for name, value in metrics.items():
-                kind = type(value)
-                if name not in checked or (
-                    kind is not float
-                    and (
-                        kind is not int or not -9223372036854775808 <= value <= 9223372036854775807
-                    )
-                ):
-                    break
-            else:
-                self._inbox.put_metrics((self.name, t, step, metrics.copy()))
-                return
+        # The common call (see plain_log): queued as it is (floats and ints
+        # are immutable); the reactor thread builds the events. Anything
+        # else, valid or not, takes metric_events, which applies every rule.
+        if plain_log(metrics, step, t, time_s is not None, self._checked_names):
+            self._inbox.put_metrics((self.name, t, step, dict(metrics)))
+            return
         self._inbox.put(metric_events(self.name, metrics, step, t, self._checked_names))
 
     def flush(self) -> None:

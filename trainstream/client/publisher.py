@@ -32,7 +32,7 @@ from trainstream.api import Event, RunAPI
 from trainstream.client.backoff import Backoff
 from trainstream.client.clock import DelayedCall, Scheduler, ThreadClock
 from trainstream.client.http import UNREACHABLE, KeepAlive, decode, headers, parse_endpoint
-from trainstream.events import encode_json, metric_events
+from trainstream.events import encode_json, metric_events, plain_log
 
 __all__ = ["Publisher", "Transport"]
 
@@ -69,6 +69,13 @@ class Publisher(RunAPI):
         loop logging faster than that sends one POST per ``linger``, each
         event at most about ``linger`` plus a POST late (``flush``, a close
         and a full batch do not wait for it).
+    :param busy_rate: above this many events/s (measured over each batch),
+        the wait grows in proportion, up to ``max_linger``: each POST costs
+        the training process and the server about the same whatever it
+        holds, so a loop logging 5,000 events/s sends 40 POSTs/s, not 100,
+        each event then at most ``linger * rate / busy_rate`` late. At or
+        below it (1,000/s: 10 ms) the wait is ``linger``.
+    :param max_linger: the longest wait, however high the rate.
     :param report_every: seconds between the publisher's own metrics
         (``trainstream/log_us``, ``trainstream/queue_depth``,
         ``trainstream/dropped``), or 0 for none.
@@ -92,6 +99,8 @@ class Publisher(RunAPI):
         report_every: float = 10.0,
         flush_at_exit: float = 5.0,
         linger: float = 0.01,
+        busy_rate: float = 2_000.0,
+        max_linger: float = 0.1,
         *,
         clock: Scheduler | None = None,
         transport: Transport | None = None,
@@ -104,6 +113,10 @@ class Publisher(RunAPI):
         self.timeout = timeout
         self.report_every = report_every
         self.linger = linger
+        self.busy_rate = busy_rate
+        self.max_linger = max(linger, max_linger)
+        #: the wait between POSTs now: ``linger``, more while busy (see busy_rate)
+        self.wait = linger
         self.backoff = Backoff(RETRY_INITIAL, max_backoff)
         #: events dropped because the queue was full (server unreachable)
         self.dropped = 0
@@ -158,7 +171,16 @@ class Publisher(RunAPI):
         """Queue one metric event per ``{name: value}``; raises ``EventError`` at once if bad."""
         started = time.perf_counter_ns()
         t = time.time() if time_s is None else time_s
-        self._enqueue(metric_events(self.name, metrics, step, t, self._checked_names))
+        if plain_log(metrics, step, t, time_s is not None, self._checked_names):
+            run = self.name  # the common call: the events metric_events would make
+            self._enqueue(
+                [
+                    {"type": "metric", "run": run, "time": t, "name": k, "step": step, "value": v}
+                    for k, v in metrics.items()
+                ]
+            )
+        else:
+            self._enqueue(metric_events(self.name, metrics, step, t, self._checked_names))
         self._log_ns += time.perf_counter_ns() - started
         self._log_calls += 1
 
@@ -233,7 +255,7 @@ class Publisher(RunAPI):
         if self._retry_at is not None and not at_once:
             when = max(now, self._retry_at)
         else:
-            when = now if urgent else max(now, self._last_post + self.linger)
+            when = now if urgent else max(now, self._last_post + self.wait)
         if pending:
             if self._pump_at <= when:
                 return
@@ -256,7 +278,9 @@ class Publisher(RunAPI):
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             self._in_flight = len(batch)
             self._sending = self._soonest = True
-            self._last_post = self._clock.seconds()
+            now = self._clock.seconds()
+            self._adapt(len(batch), now - self._last_post)
+            self._last_post = now
         try:
             unsent = self._send(batch)
         except Exception as e:  # a bug, not the network: drop the batch rather than stall
@@ -279,6 +303,11 @@ class Publisher(RunAPI):
             self._wake.notify_all()
             if not (unsent and self._closing):  # closing: that was the last attempt
                 self._schedule()
+
+    def _adapt(self, events: int, since: float) -> None:
+        """The next wait, from the rate of the batch just taken (``since`` the last POST began)."""
+        rate = events / since if since > 0 else 0.0
+        self.wait = min(self.max_linger, max(self.linger, self.linger * rate / self.busy_rate))
 
     def _report(self) -> None:
         """Queue the publisher's own metrics, and schedule the next report."""

@@ -44,7 +44,12 @@ from trainstream.events.rules import (
     Limits,
     non_finite_name,
 )
-from trainstream.events.validate import metric_events, validate_event, validate_events
+from trainstream.events.validate import (
+    metric_events,
+    plain_log,
+    validate_event,
+    validate_events,
+)
 
 __all__ = [
     "BAD_NAME_CHAR_RE",
@@ -72,6 +77,7 @@ __all__ = [
     "encode_json",
     "metric_events",
     "non_finite_name",
+    "plain_log",
     "validate_event",
     "validate_events",
 ]

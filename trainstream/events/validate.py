@@ -436,6 +436,34 @@ def validate_events(
     return out
 
 
+def plain_log(
+    metrics: object, step: object, t: object, time_given: bool, checked: set[str]
+) -> bool:
+    """
+    Whether a ``log(metrics, step)`` call is the common one that needs no
+    check: a dict of names seen valid before (in ``checked``) to floats and
+    64-bit ints, an int step in range, and a time that is ``time.time()``
+    (``time_given`` false) or a float >= 0, finite. Such a call's metric
+    events are the ones :func:`metric_events` would make; ``Run.log`` and
+    ``Publisher.log`` take this shortcut and leave every other call to it.
+    """
+    if not (
+        type(step) is int
+        and 0 <= step <= 9223372036854775807  # INT_MAX
+        and type(metrics) is dict
+        and (not time_given or (type(t) is float and 0.0 <= t <= 1.7976931348623157e308))
+    ):
+        return False  # NaN fails the last test too
+    for name, value in metrics.items():
+        kind = type(value)
+        if name not in checked or (
+            kind is not float
+            and (kind is not int or not -9223372036854775808 <= value <= 9223372036854775807)
+        ):
+            return False
+    return True
+
+
 def metric_events(
     run: str, metrics: Mapping[str, object], step: object, t: object, checked: set[str]
 ) -> list[dict[str, object]]:
