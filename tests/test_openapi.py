@@ -151,6 +151,7 @@ class DocumentTests(SynchronousTestCase):
                 ("/api/runs/{run}", "DELETE"),
                 ("/api/runs/{run}/metrics/{name}", "GET"),
                 ("/api/runs/{run}/ranks", "GET"),
+                ("/api/runs/{run}/logs", "GET"),
                 ("/api/openapi.json", "GET"),
                 ("/events", "GET"),
                 ("/ws", "GET"),

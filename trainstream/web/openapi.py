@@ -429,6 +429,50 @@ def _paths() -> dict[str, Any]:
                 ),
             },
         },
+        "/api/runs/{run}/logs": {
+            "parameters": [_RUN_PARAM],
+            "get": {
+                "operationId": "searchLogs",
+                "summary": "The run's log events, by level and text",
+                "description": (
+                    "Log events of the run in id order after `after`, whose level is one of "
+                    "`level` and whose message contains `q` (case-insensitive). One request "
+                    "reads at most 100,000 log events: `next_after` (else null) is the id to "
+                    "go on after. A run whose name ends in a segment 'logs' is asked for at "
+                    "/api/runs/{run} with its slashes encoded. DELETE is not allowed (405)."
+                ),
+                "parameters": [
+                    _query(
+                        "level",
+                        "One or more of debug, info, warning, error (comma-separated or repeated)",
+                        {
+                            "type": "string",
+                            "pattern": "^(debug|info|warning|error)(,(debug|info|warning|error))*$",
+                        },
+                        explode=True,
+                    ),
+                    _query("q", "Text the message contains", {"type": "string", "maxLength": 256}),
+                    _query(
+                        "after",
+                        "Only events with a greater id",
+                        {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
+                    ),
+                    _query(
+                        "limit",
+                        "At most this many (default 100)",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                    ),
+                ],
+                "responses": _answers(
+                    {
+                        "200": _json_body(_ref("LogSearch"), "the matching log events"),
+                        "400": _response("BadRequest"),
+                        "404": _error("no such run"),
+                        "503": _response("StoreUnavailable"),
+                    }
+                ),
+            },
+        },
         "/api/openapi.json": {
             "get": {
                 "operationId": "openapi",

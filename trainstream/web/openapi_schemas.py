@@ -257,6 +257,19 @@ def schemas() -> dict[str, Any]:
                 "last_id": {"type": "integer", "description": "the newest id of the server"},
             },
         },
+        "LogSearch": {
+            "type": "object",
+            "required": ["run", "logs", "scanned", "next_after"],
+            "properties": {
+                "run": {"type": "string"},
+                "logs": {"type": "array", "items": ref("Event")},
+                "scanned": {"type": "integer", "description": "log events this request read"},
+                "next_after": {
+                    "type": ["integer", "null"],
+                    "description": "the id to go on after, or null at the end",
+                },
+            },
+        },
         "RunState": {"type": "string", "enum": sorted(STATES)},
         "RunSummary": {
             "type": "object",

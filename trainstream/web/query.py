@@ -86,7 +86,7 @@ def values(args: Args, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _single(args: Args, name: str) -> str | None:
+def single_param(args: Args, name: str) -> str | None:
     """The one value of the parameter ``name``, or ``None`` when absent."""
     given = args.get(name.encode())
     if not given:
@@ -114,7 +114,7 @@ def int_param(args: Args, name: str, minimum: int, maximum: int = _INT64_MAX) ->
 
     :raises BadQueryError: naming ``name`` when it is repeated or not such an integer.
     """
-    raw = _single(args, name)
+    raw = single_param(args, name)
     if raw is None:
         return None
     value = _integer(raw)
@@ -132,7 +132,7 @@ def choice_param(args: Args, name: str, choices: Sequence[str]) -> str | None:
 
     :raises BadQueryError: naming ``name`` when it is repeated, empty or another value.
     """
-    raw = _single(args, name)
+    raw = single_param(args, name)
     if raw is None or raw in choices:
         return raw
     shown = " or ".join(repr(c) for c in choices)

@@ -7,6 +7,7 @@ store), the runs and ranks registries, the clients and a status snapshot.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -21,6 +22,7 @@ from werkzeug.routing import RequestRedirect
 
 from trainstream._version import __version__
 from trainstream.events import (
+    LEVELS,
     BodyTooLarge,
     EventError,
     UnsupportedMediaType,
@@ -29,6 +31,13 @@ from trainstream.events import (
 )
 from trainstream.store import Record
 from trainstream.web.backend import Backend
+from trainstream.web.logs import (
+    DEFAULT_LIMIT as DEFAULT_LOG_LIMIT,
+    MAX_LIMIT as MAX_LOG_LIMIT,
+    MAX_QUERY,
+    LogPage,
+    search_logs,
+)
 from trainstream.web.openapi import openapi_document
 from trainstream.web.query import (
     BadQueryError,
@@ -39,6 +48,7 @@ from trainstream.web.query import (
     json_bytes,
     json_response,
     query_filter,
+    single_param,
     store_failed,
 )
 
@@ -73,18 +83,19 @@ def split_run_path(raw_segments: Sequence[bytes]) -> tuple[str, str | None]:
     return decode(raw_segments), None
 
 
-def split_ranks_path(raw_segments: Sequence[bytes]) -> str | None:
+def split_ranks_path(raw_segments: Sequence[bytes], word: bytes = b"ranks") -> str | None:
     """
     The run of ``/api/runs/{run}/ranks`` (distributed ranks, see
-    ``trainstream.ranks``), or ``None`` for another run path.
+    ``trainstream.ranks``), or with ``word=b"logs"`` of
+    ``/api/runs/{run}/logs``; ``None`` for another run path.
 
     The rule: when the path is no metric history (``split_run_path``) and
-    has a last segment, after the first, that is literally ``ranks``, the
-    segments before it are the run. A run whose name ends in a ``ranks``
+    has a last segment, after the first, that is literally ``word``, the
+    segments before it are the run. A run whose name ends in such a
     segment is then asked for with its slashes encoded (``a%2Franks``), as
     for ``metrics``.
     """
-    if len(raw_segments) < 2 or raw_segments[-1] != b"ranks":
+    if len(raw_segments) < 2 or raw_segments[-1] != word:
         return None
     if split_run_path(raw_segments)[1] is not None:
         return None
@@ -252,6 +263,9 @@ class RestApi:
         ranks_run = split_ranks_path(raw_tail)
         if ranks_run is not None:
             return self._ranks(request, ranks_run)
+        logs_run = split_ranks_path(raw_tail, b"logs")
+        if logs_run is not None:
+            return self._logs(request, logs_run)
         run, name = split_run_path(raw_tail)
         if request.method == b"DELETE":
             if name is not None:
@@ -320,6 +334,47 @@ class RestApi:
 
     # Distributed ranks (trainstream.ranks)
 
+    def _logs(self, request: Request, run: str) -> bytes | Deferred[bytes]:
+        """``?level=&q=&after=&limit=``: the run's log events, searched (``web/logs.py``)."""
+        if request.method == b"DELETE":
+            request.setHeader(b"allow", b"GET, HEAD")
+            return error_response(
+                request,
+                405,
+                "DELETE is not allowed on logs; DELETE /api/runs/{run} removes the run",
+            )
+        args = request.args or {}
+        try:
+            raw_levels = [raw.decode("utf-8", "replace") for raw in args.get(b"level", ())]
+            levels = sorted({v for raw in raw_levels for v in raw.split(",")})
+            bad = [v for v in levels if v not in LEVELS]
+            if bad:
+                raise BadQueryError(
+                    f"level {bad[0]!r} is not one of {', '.join(sorted(LEVELS))}", "level"
+                )
+            text = single_param(args, "q")  # commas and spaces are part of the text
+            if text is not None and len(text) > MAX_QUERY:
+                raise BadQueryError(f"q: at most {MAX_QUERY} characters", "q")
+            after = int_param(args, "after", 0) or 0
+            limit = int_param(args, "limit", 1, MAX_LOG_LIMIT) or DEFAULT_LOG_LIMIT
+        except BadQueryError as e:
+            return bad_query(request, e)
+        if self.backend.runs.get(run) is None:
+            return _no_run(request, run)
+        hub = self.backend.hub
+
+        def answer(found: LogPage) -> bytes:
+            body = ",".join(r.json for r in found.logs)
+            after_id = "null" if found.next_after is None else str(found.next_after)
+            head = json.dumps({"run": run})[:-1]
+            return json_bytes(
+                request,
+                f'{head},"logs":[{body}],"scanned":{found.scanned},"next_after":{after_id}}}'.encode(),
+            )
+
+        d = search_logs(hub.store, hub.last_id, run, levels or None, text, after, limit)
+        return d.addCallback(answer).addErrback(lambda f: store_failed(request, f))
+
     def _ranks(self, request: Request, run: str) -> bytes:
         """``GET /api/runs/{run}/ranks``: per-metric mean/min/max across ranks, laggards."""
         if request.method == b"DELETE":
@@ -363,8 +418,12 @@ class RestApi:
         raw = request.path.split(b"/")
         if raw[1:3] == [b"api", b"runs"] and len(raw) > 3:
             tail = raw[3:]
-            if split_ranks_path(tail) is not None or split_run_path(tail)[1] is not None:
-                valid = {"GET", "HEAD"}  # a metric history and ranks are read only
+            if (
+                split_ranks_path(tail) is not None
+                or split_ranks_path(tail, b"logs") is not None
+                or split_run_path(tail)[1] is not None
+            ):
+                valid = {"GET", "HEAD"}  # a metric history, ranks and logs are read only
         return _method_not_allowed(request, sorted(valid - {"OPTIONS"}))
 
     @app.handle_errors(Exception)
