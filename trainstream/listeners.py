@@ -14,13 +14,12 @@ resets the connection (``SO_LINGER`` 0) instead of sending a FIN of its own.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import socket
 import struct
 import sys
-import termios
+from collections.abc import Callable
 from typing import Any
 
 from attrs import define
@@ -257,14 +256,38 @@ def _unsent(transport: Any) -> int:
     if (
         isinstance(sock, socket.socket)
         and sock.family in (socket.AF_INET, socket.AF_INET6)  # on UNIX sockets it means unread
-        and hasattr(termios, "TIOCOUTQ")
+        and _SEND_QUEUE is not None
     ):
         try:
-            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            unsent += _SEND_QUEUE(sock)
         except OSError:
             return unsent
-        unsent += int(struct.unpack("i", queued)[0])
     return unsent
+
+
+def _kernel_send_queue() -> Callable[[socket.socket], int] | None:
+    """
+    Where the system tells how many bytes a socket's send queue holds (Linux
+    ``TIOCOUTQ``), the way to ask; None elsewhere (Windows has no
+    ``fcntl``/``termios``): there a connection is reset once Twisted's
+    buffers are flushed.
+    """
+    try:
+        import fcntl
+        import termios
+    except ImportError:
+        return None
+    request = getattr(termios, "TIOCOUTQ", None)
+    if request is None:
+        return None
+
+    def queued(sock: socket.socket) -> int:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0])
+
+    return queued
+
+
+_SEND_QUEUE = _kernel_send_queue()
 
 
 @define

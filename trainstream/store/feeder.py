@@ -19,15 +19,17 @@ so the server recovers by itself once space frees.
 
 The writer process inherits the file's lock (``lock_fd``): a server killed
 with ``kill -9`` leaves its writer to commit what it was sent, and the next
-server cannot take the file (and read where ids stand) until it has.
+server cannot take the file (and read where ids stand) until it has. (On
+Windows, where a child gets no lock of ours, the next server waits for the
+writer's pid instead: ``lock.py``.)
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pickle
 import queue
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -41,6 +43,7 @@ from attrs import define
 from twisted.logger import Logger
 
 import trainstream
+from trainstream.store.lock import FLOCK, WRITER_CREATIONFLAGS, writer_started
 from trainstream.store.records import Record
 from trainstream.store.rows import add_rows, rows_op
 
@@ -197,16 +200,22 @@ class Feeder:
         Start a writer process. In a session of its own: a terminal's Ctrl-C
         (SIGINT to its foreground process group) is for the server to
         handle, which then commits what is queued and stops its writer; the
-        writer also ends when its stdin does (the server is gone).
+        writer also ends when its stdin does (the server is gone). It
+        inherits the file's lock where that is an ``flock`` (POSIX); on
+        Windows (no sessions, no ``pass_fds``) it gets a process group of
+        its own instead, and its pid is noted in the lock file before it is
+        sent anything (``lock.writer_started``).
         """
         child = subprocess.Popen(
             [sys.executable, "-m", "trainstream.store.writer", os.path.abspath(self.path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=self._env,
-            start_new_session=True,
-            pass_fds=(self._lock_fd,) if self._lock_fd >= 0 else (),
+            start_new_session=FLOCK,
+            pass_fds=(self._lock_fd,) if FLOCK and self._lock_fd >= 0 else (),
+            creationflags=WRITER_CREATIONFLAGS,
         )
+        writer_started(self._lock_fd, child.pid)
         for stream in (child.stdin, child.stdout):
             if stream is not None:
                 _widen(stream.fileno())
@@ -495,6 +504,10 @@ class Feeder:
 
 def _widen(fd: int) -> None:
     """Let the pipe ``fd`` hold ``_PIPE_BYTES`` if the system allows (else as it was)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the pipe's size is set when it is made
+        return
     setsize = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
     if setsize is None:
         return
@@ -510,10 +523,10 @@ def _disk(path: str) -> str:
     while not os.path.ismount(mount):
         mount = os.path.dirname(mount)
     try:
-        st = os.statvfs(mount)
+        free = shutil.disk_usage(mount).free  # statvfs's f_bavail * f_frsize; Windows too
     except OSError:
         return f"filesystem {mount}"
-    return f"filesystem {mount}, {st.f_bavail * st.f_frsize} bytes free"
+    return f"filesystem {mount}, {free} bytes free"
 
 
 def _reap(child: subprocess.Popen[bytes], within: float = 2) -> int:

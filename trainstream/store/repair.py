@@ -18,7 +18,6 @@ events, its series summaries), so no id it shows is given again.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import time
@@ -29,7 +28,7 @@ from attrs import frozen
 
 from trainstream.errors import StoreError
 from trainstream.store.check import Readable, open_read_only, readable_copy
-from trainstream.store.lock import FileLock
+from trainstream.store.lock import FileLock, holder_pid
 from trainstream.store.reads import scan
 from trainstream.store.records import Record
 from trainstream.store.rows import RowError, add_rows, decode, rows_op
@@ -126,18 +125,7 @@ def _lock(path: str) -> FileLock:
 
 def _holder(path: str) -> int | None:
     """The pid in the file's lock, if that process is alive."""
-    pid: object = None
-    try:
-        with open(path + ".lock", encoding="utf-8") as f:
-            pid = json.load(f).get("pid")
-        if not isinstance(pid, int):
-            return None
-        os.kill(pid, 0)
-    except PermissionError:
-        return pid if isinstance(pid, int) else None  # alive, another user's
-    except (OSError, ValueError, AttributeError):
-        return None
-    return pid
+    return holder_pid(path)
 
 
 def _aside(path: str, when: float) -> str:
