@@ -32,6 +32,12 @@ if TYPE_CHECKING:
         TrainstreamError as TrainstreamError,
     )
     from trainstream.events import EventError as EventError
+    from trainstream.quick import (
+        current_run as current_run,
+        finish as finish,
+        init as init,
+        log as log,
+    )
     from trainstream.run import Run as Run
     from trainstream.server import StreamServer as StreamServer
 
@@ -52,6 +58,10 @@ _EXPORTS = {
     "revisit_hint": "trainstream.embedded",
     "serve": "trainstream.embedded",
     "Run": "trainstream.run",
+    "init": "trainstream.quick",
+    "log": "trainstream.quick",
+    "finish": "trainstream.quick",
+    "current_run": "trainstream.quick",
     "StreamServer": "trainstream.server",
 }
 

@@ -7,26 +7,36 @@ framework's names and values become valid trainstream events.
 when given a ``url``, else on the process-wide embedded server
 (``get_stream_server(server_config)``), which ``close()`` releases.
 :class:`LazyRun` is the constructor path of the Keras, Lightning and
-transformers adapters: their options checked at once, the run opened on first
-use. This module imports no framework.
+transformers adapters (and of ``trainstream.init()``): their options checked
+at once, the run opened on first use. Every target is watched until it ends:
+an exception that ends the script marks it ``failed`` with its message
+(:mod:`trainstream.integrations._failure`); on request it logs system
+metrics (:mod:`trainstream.system`); in Jupyter it shows as its live
+dashboard. This module imports no framework.
 """
 
 from __future__ import annotations
 
+import html
 import math
+import os
 import threading
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from trainstream.api import Event, RunAPI
 from trainstream.client import Publisher
 from trainstream.events import BAD_NAME_CHAR_RE, INT_MAX, INT_MIN, MAX_NAME_LENGTH, MAX_RUN_LENGTH
+from trainstream.integrations import _failure
 
 if TYPE_CHECKING:
     from trainstream.run import Run
+    from trainstream.system import SystemMonitor
 
 __all__ = [
+    "URL_ENV",
     "LazyRun",
     "Target",
     "check_options",
@@ -39,6 +49,10 @@ __all__ = [
 
 #: Longer string hyperparameters are cut, so the hparams event stays small.
 MAX_PARAM_TEXT = 1000
+#: A remote server for every run opened without ``url=`` (``TRAINSTREAM_TOKEN`` its token).
+URL_ENV = "TRAINSTREAM_URL"
+#: The height of a run's dashboard shown in a notebook (CSS pixels).
+NOTEBOOK_HEIGHT = 600
 
 
 class Target(RunAPI):
@@ -50,6 +64,7 @@ class Target(RunAPI):
         are checked here and queued on it.
     :param release: ``close()`` releases the embedded server.
     :param flush_timeout: remote only: how long a flush waits for the server.
+    :ivar state: the last status it was given (``created`` at first).
     """
 
     def __init__(
@@ -65,29 +80,102 @@ class Target(RunAPI):
         self._flush_timeout = flush_timeout
         self._lock = threading.Lock()
         self.closed = False
+        self.state = "created"
+        #: system metrics (``start_system_metrics``), while asked for
+        self.system: SystemMonitor | None = None
+        _failure.watch(self, _exit_flush)
 
     def _enqueue(self, events: list[Event]) -> None:
         self.sink._enqueue(events)
 
+    def status(self, state: str, epoch: int | None = None, message: str | None = None) -> None:
+        """
+        Queue a status event. ``finished`` and ``failed`` end the run: an
+        exception no longer changes it, and system metrics pause until it
+        is ``running`` again.
+        """
+        super().status(state, epoch, message)
+        self.state = state
+        ended = state in ("finished", "failed")
+        if ended:
+            _failure.forget(self)
+        elif not self.closed:
+            _failure.watch(self, _exit_flush)
+        system = self.system
+        if system is not None:
+            if ended:
+                system.stop()
+            elif not self.closed and state == "running":
+                system.start()
+
+    def start_system_metrics(self, interval: float) -> bool:
+        """Log ``system/*`` metrics every ``interval`` seconds until the run ends."""
+        from trainstream.system import SystemMonitor
+
+        if self.system is None:
+            self.system = SystemMonitor(self, interval)
+        return self.system.start()
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """This run's live dashboard (``.../?run=NAME``), or ``None`` when its server is gone."""
+        if isinstance(self.sink, Publisher):
+            base = self.sink.endpoint.base + "/"
+        else:
+            import sys
+
+            embedded = sys.modules.get("trainstream.embedded")
+            server = embedded.get_stream_server_manager().server if embedded else None
+            if server is None:
+                return None
+            base = server.urls.get("dashboard", "")
+            if not base:
+                return None
+        return f"{base}?run={quote(self.name, safe='')}"
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the run's live dashboard, inline."""
+        url = self.dashboard_url
+        name = html.escape(self.name)
+        if url is None:
+            return f"<p>trainstream run <b>{name}</b> ({html.escape(self.state)}): no server</p>"
+        link = html.escape(url, quote=True)
+        return (
+            f'<div class="trainstream-run"><p>trainstream run <b>{name}</b>: '
+            f'<a href="{link}" target="_blank">{html.escape(url)}</a></p>'
+            f'<iframe src="{link}" width="100%" height="{NOTEBOOK_HEIGHT}" '
+            'style="border: 1px solid #ccc" loading="lazy"></iframe></div>'
+        )
+
+    def __repr__(self) -> str:
+        where = "remote" if isinstance(self.sink, Publisher) else "embedded"
+        return f"<trainstream run {self.name!r} ({where}, {self.state}): {self.dashboard_url}>"
+
     def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
         self.sink.log(metrics, step, time_s)  # the sink's own path (Run's is the fast one)
 
-    def flush(self) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """
         Wait until everything logged so far is stored; ``False`` if a remote
-        server did not take it within ``flush_timeout``.
+        server did not take it within ``timeout`` (by default ``flush_timeout``).
         """
         if isinstance(self.sink, Publisher):
-            return self.sink.flush(self._flush_timeout)
+            return self.sink.flush(self._flush_timeout if timeout is None else timeout)
         self.sink.flush()
         return True
 
     def close(self) -> bool:
-        """Flush, then stop the publisher or release the embedded server. Idempotent."""
+        """
+        Stop system metrics, flush, then stop the publisher or release the
+        embedded server. Idempotent.
+        """
         with self._lock:
             if self.closed:
                 return True
             self.closed = True
+        _failure.forget(self)
+        if self.system is not None:
+            self.system.stop()
         if isinstance(self.sink, Publisher):
             return self.sink.close(self._flush_timeout)
         try:
@@ -100,6 +188,12 @@ class Target(RunAPI):
         return True
 
 
+def _exit_flush(run: RunAPI, seconds: float) -> object:
+    """How an exception's hook stores a failed target: a bounded flush."""
+    assert isinstance(run, Target)
+    return run.flush(seconds)
+
+
 def open_run(
     run: str,
     *,
@@ -109,6 +203,8 @@ def open_run(
     hparams: Mapping[str, object] | None = None,
     flush_timeout: float | None = 30.0,
     who: str = "trainstream",
+    system_metrics: bool | float | None = None,
+    target: type[Target] = Target,
 ) -> Target:
     """
     A run named ``run`` (sanitized), announced as ``created``.
@@ -122,22 +218,36 @@ def open_run(
     :param flush_timeout: remote only: how long ``flush`` and ``close`` wait
         for the server (``None``: no limit).
     :param who: names the caller in error messages.
+    :param system_metrics: ``system/*`` metrics every 5 s (``True``), every
+        that many seconds, or none (``False``); ``None``: as
+        ``$TRAINSTREAM_SYSTEM_METRICS`` says (:mod:`trainstream.system`).
+    :param target: the class made (a :class:`Target`, or a subclass).
     """
     check_options(who, url, token, server_config)
+    from trainstream.system import interval_from
+
+    interval = interval_from(system_metrics)
     name = sanitize(run, MAX_RUN_LENGTH)
     if url is not None:
-        return Target(
+        made = target(
             Publisher(url, name, token=token, hparams=hparams), flush_timeout=flush_timeout
         )
-    from trainstream.embedded import get_stream_server, release_stream_server
+    else:
+        from trainstream.embedded import get_stream_server, release_stream_server
 
-    server = get_stream_server(server_config)
-    try:
-        embedded = server.run(name, hparams)
-    except BaseException:
-        release_stream_server()
-        raise
-    return Target(embedded, release=True, flush_timeout=flush_timeout)
+        server = get_stream_server(server_config)
+        try:
+            embedded = server.run(name, hparams)
+        except BaseException:
+            release_stream_server()
+            raise
+        made = target(embedded, release=True, flush_timeout=flush_timeout)
+        from trainstream import notebook
+
+        notebook.hold_server()  # in Jupyter: the dashboard stays up while the kernel lives
+    if interval is not None:
+        made.start_system_metrics(interval)
+    return made
 
 
 class LazyRun:
@@ -150,7 +260,10 @@ class LazyRun:
     :param name: the run's name (sanitized when opened).
     :param prefix: without ``name``, name the run ``PREFIX-YYYYmmdd-HHMMSS``
         now; without either, :meth:`open` is given the name.
-    :param url, token, server_config, flush_timeout: as :func:`open_run`'s.
+    :param url, token, server_config, flush_timeout, system_metrics: as
+        :func:`open_run`'s; without ``url`` and ``server_config``,
+        ``$TRAINSTREAM_URL`` (and ``$TRAINSTREAM_TOKEN``) name a remote
+        server, so a script publishes there with no code change.
     :ivar target: the :class:`Target`, once opened.
     """
 
@@ -163,12 +276,24 @@ class LazyRun:
         token: str | None,
         server_config: Any,
         flush_timeout: float | None,
+        *,
+        system_metrics: bool | float | None = None,
     ) -> None:
+        if url is None and server_config is None and os.environ.get(URL_ENV):
+            url = os.environ[URL_ENV]
+            if token is None:
+                from trainstream.client.http import TOKEN_ENV
+
+                token = os.environ.get(TOKEN_ENV) or None
         check_options(who, url, token, server_config)
+        from trainstream.system import interval_from
+
+        interval_from(system_metrics)  # a bad value fails here, at the constructor
         self.who = who
         self.name = default_run_name(prefix) if name is None and prefix is not None else name
         self._where: dict[str, Any] = {"url": url, "token": token, "server_config": server_config}
         self._where["flush_timeout"] = flush_timeout
+        self._where["system_metrics"] = system_metrics
         self.target: Target | None = None
 
     def open(self, default_name: str | None = None) -> Target:

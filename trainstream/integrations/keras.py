@@ -51,6 +51,8 @@ class TrainstreamCallback(keras.callbacks.Callback):  # type: ignore[misc]
         epoch metrics only (as Keras' ``TensorBoard`` callback).
     :param url, token, server_config, flush_timeout: where the run goes, as for every
         adapter (:func:`~trainstream.integrations._target.open_run`).
+    :param system_metrics: ``system/*`` metrics (CPU, memory, GPUs) every 5 s
+        (``True``) or that many seconds (:mod:`trainstream.system`).
     """
 
     def __init__(
@@ -62,10 +64,18 @@ class TrainstreamCallback(keras.callbacks.Callback):  # type: ignore[misc]
         server_config: Any = None,
         update_freq: int | str = 1,
         flush_timeout: float | None = 30.0,
+        system_metrics: bool | float | None = None,
     ) -> None:
         super().__init__()
         self._trainstream = LazyRun(
-            "TrainstreamCallback", run, "keras", url, token, server_config, flush_timeout
+            "TrainstreamCallback",
+            run,
+            "keras",
+            url,
+            token,
+            server_config,
+            flush_timeout,
+            system_metrics=system_metrics,
         )
         if update_freq != "epoch" and not (isinstance(update_freq, int) and update_freq >= 1):
             raise ValueError(

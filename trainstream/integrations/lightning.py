@@ -20,9 +20,10 @@ How Lightning's calls map onto trainstream:
 - ``log_metrics(metrics, step)`` → ``run.log`` at ``step`` (tensors become
   numbers; names are sanitized: ``"val loss"`` → ``"val_loss"``); when the
   ``epoch`` metric Lightning adds changes, a ``running`` status with it.
-- ``finalize("success")`` → ``finished``; ``finalize("failed")`` → ``failed``;
-  both flush. The run stays open (``trainer.test`` may log more: that marks
-  it ``running`` again); ``close()`` flushes and releases the embedded server.
+- ``finalize("success")`` → ``finished``; ``finalize("failed")`` → ``failed``
+  with the exception's message (``RuntimeError: boom``); both flush. The run
+  stays open (``trainer.test`` may log more: that marks it ``running``
+  again); ``close()`` flushes and releases the embedded server.
 - ``save()`` → flush. ``experiment`` → the run (:class:`~trainstream.integrations._target.Target`,
   with the Run API: ``log``, ``status``, ``text``, ``hparams``...), opened on
   first use and on rank 0 only.
@@ -30,10 +31,12 @@ How Lightning's calls map onto trainstream:
 
 from __future__ import annotations
 
+import sys
 from argparse import Namespace
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from trainstream.integrations._failure import failure_message
 from trainstream.integrations._target import (
     LazyRun,
     Target,
@@ -69,10 +72,18 @@ class _Publishing:
         server_config: Any = None,
         version: int | str | None = None,
         flush_timeout: float | None = 30.0,
+        system_metrics: bool | float | None = None,
     ) -> None:
         super().__init__()
         self._trainstream = LazyRun(
-            "TrainstreamLogger", run, "lightning", url, token, server_config, flush_timeout
+            "TrainstreamLogger",
+            run,
+            "lightning",
+            url,
+            token,
+            server_config,
+            flush_timeout,
+            system_metrics=system_metrics,
         )
         self._version = version
         self._epoch: int | None = None
@@ -137,7 +148,12 @@ class _Publishing:
             return
         self._ended = True
         # "success", or "finished" when a cluster requeues the job, is a finish
-        self._trainstream.end("Lightning: training failed" if status == "failed" else None)
+        failure = None
+        if status == "failed":
+            # Lightning calls this in its except block: the exception is at hand
+            error = sys.exc_info()[1]
+            failure = failure_message(error) if error is not None else "Lightning: training failed"
+        self._trainstream.end(failure)
 
     def close(self) -> None:
         """Flush and close the run (releasing the embedded server)."""
@@ -152,6 +168,8 @@ class TrainstreamLogger(_Publishing, _Logger):  # type: ignore[misc]
     :param version: what ``version`` answers (Lightning shows it; not sent).
     :param url, token, server_config, flush_timeout: where the run goes, as for every
         adapter (:func:`~trainstream.integrations._target.open_run`).
+    :param system_metrics: ``system/*`` metrics (CPU, memory, GPUs) every 5 s
+        (``True``) or that many seconds (:mod:`trainstream.system`).
     """
 
     _rank_zero = _rank_zero_only

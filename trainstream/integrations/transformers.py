@@ -46,6 +46,8 @@ class TrainstreamCallback(TrainerCallback):  # type: ignore[misc]
     :param run: the run's name; else ``args.run_name``; else a dated default.
     :param url, token, server_config, flush_timeout: where the run goes, as for every
         adapter (:func:`~trainstream.integrations._target.open_run`).
+    :param system_metrics: ``system/*`` metrics (CPU, memory, GPUs) every 5 s
+        (``True``) or that many seconds (:mod:`trainstream.system`).
     """
 
     def __init__(
@@ -56,9 +58,17 @@ class TrainstreamCallback(TrainerCallback):  # type: ignore[misc]
         token: str | None = None,
         server_config: Any = None,
         flush_timeout: float | None = 30.0,
+        system_metrics: bool | float | None = None,
     ) -> None:
         self._trainstream = LazyRun(
-            "TrainstreamCallback", run, None, url, token, server_config, flush_timeout
+            "TrainstreamCallback",
+            run,
+            None,
+            url,
+            token,
+            server_config,
+            flush_timeout,
+            system_metrics=system_metrics,
         )
 
     @property

@@ -19,6 +19,11 @@ from typing import Any
 
 from trainstream._version import __version__
 from trainstream.events import EVENT_TYPES, INT_MAX, MAX_BODY_BYTES, MAX_EVENT_BYTES
+from trainstream.web.openapi_links import (
+    headers as _headers,
+    link_refs as _link_refs,
+    links as _links,
+)
 from trainstream.web.openapi_schemas import ref as _ref, schemas as _schemas
 
 JSON = "application/json"
@@ -160,70 +165,6 @@ def _responses() -> dict[str, Any]:
         ),
         "NoRun": _error("no such run"),
     }
-
-
-def _headers() -> dict[str, Any]:
-    return {
-        "Allow": {
-            "description": "the methods the path has, e.g. 'GET, HEAD'",
-            "required": True,
-            "schema": {"type": "string"},
-        },
-        "RetryAfter": {
-            "description": "seconds to wait before trying again",
-            "required": True,
-            "schema": {"type": "integer", "minimum": 0},
-        },
-        "WWWAuthenticate": {
-            "description": "'Bearer realm=\"trainstream\"'",
-            "required": True,
-            "schema": {"type": "string"},
-        },
-    }
-
-
-def _links() -> dict[str, Any]:
-    """OpenAPI links: where a run named in one answer can be asked for next."""
-    return {
-        "GetPublishedRun": {
-            "operationId": "getRun",
-            "parameters": {"run": "$request.body#/0/run"},
-            "description": "the run of the first event published",
-        },
-        "DeletePublishedRun": {
-            "operationId": "deleteRun",
-            "parameters": {"run": "$request.body#/0/run"},
-        },
-        "GetPublishedMetric": {
-            "operationId": "getMetricSeries",
-            "parameters": {"run": "$request.body#/0/run", "name": "$request.body#/0/name"},
-            "description": "the series of the first event published, if a metric",
-        },
-        "GetDeletedRun": {
-            "operationId": "getRun",
-            "parameters": {"run": "$request.path.run"},
-            "description": "a deleted run is gone: 404",
-        },
-        "GetListedRun": {
-            "operationId": "getRun",
-            "parameters": {"run": "$response.body#/runs/0/run"},
-        },
-        "GetListedMetric": {
-            "operationId": "getMetricSeries",
-            "parameters": {
-                "run": "$response.body#/runs/0/run",
-                "name": "$response.body#/runs/0/metrics/0",
-            },
-        },
-        "GetListedRanks": {
-            "operationId": "getRanks",
-            "parameters": {"run": "$response.body#/runs/0/run"},
-        },
-    }
-
-
-def _link_refs(*names: str) -> dict[str, Any]:
-    return {name: {"$ref": f"#/components/links/{name}"} for name in names}
 
 
 def _paths() -> dict[str, Any]:

@@ -326,6 +326,9 @@
   function ensureRun(name, info) {
     let run = state.runs.get(name);
     if (!run) {
+      // ?run=NAME (repeatable, as a notebook's iframe gives): only those on
+      // the charts, and one alone is selected; the others stay in the list.
+      const only = new URLSearchParams(location.search).getAll("run");
       run = {
         name,
         state: "created",
@@ -333,10 +336,11 @@
         hparams: {},
         metrics: new Set(),
         color: PALETTE[state.runs.size % PALETTE.length],
-        visible: true,
+        visible: !only.length || only.includes(name),
         rewindId: 0,
         el: null,
       };
+      if (only.length === 1 && only[0] === name) state.selected = name;
       state.runs.set(name, run);
       state.runsDirty = true;
     }
