@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from trainstream.events import Limits, encode_event, validate_events
@@ -44,6 +45,18 @@ def make_record(event_id: int, event: dict[str, object], segment: int = 0) -> Re
         len(text),
         segment,
     )
+
+
+def rewind_status(event: dict[str, object], step: int) -> dict[str, object]:
+    """The ``status`` that announces a rewind of ``event``'s run back to ``step``."""
+    return {
+        "type": "status",
+        "run": event["run"],
+        "time": event["time"],
+        "state": "running",
+        "rewind_to": step,
+        "message": f"steps went back to {step} (resumed from a checkpoint?)",
+    }
 
 
 class Segments:
@@ -76,6 +89,12 @@ class Segments:
                 announce = True
         self._series[key] = (segment, step)
         return segment, announce
+
+    def note(self, run: str, name: str, segment: int, step: int) -> None:
+        """A point another server numbered (a cluster's feed): follow its segment."""
+        self._series[(run, name)] = (segment, step)
+        if segment > self._announced.get(run, 0):
+            self._announced[run] = segment
 
     def current(self, run: str, name: str) -> int:
         return self._series.get((run, name), (0, 0))[0]
@@ -172,6 +191,26 @@ class Hub:
         self._accept_follow()  # a store that commits at once has delivered already
         return answer
 
+    def publish(self, items: object) -> Deferred[tuple[int, int, int]]:
+        """
+        ``accept``, then fire with its answer once the batch is durable: what
+        a ``POST /api/events`` 200 and a WebSocket ``ack`` wait for. Fails
+        with ``StoreError`` when it could not be kept (nothing of it was).
+
+        :raises trainstream.events.EventError: naming the first bad event.
+        """
+        answer = self.accept(items)
+        return self.store.sync().addCallback(lambda _: answer)
+
+    def sync(self) -> Deferred[None]:
+        """Fires once every event accepted so far is durable (``run.flush()``, a stop)."""
+        return self.store.sync()
+
+    @property
+    def epoch(self) -> str:
+        """The history's identity, as ``/api/health`` shows it."""
+        return self.store.epoch
+
     def _accept_follow(self) -> None:
         """Accept what the observers returned, validated like any batch, in order."""
         if self._following:
@@ -201,15 +240,7 @@ class Hub:
                     # Numbered just before the point that went back, so it
                     # reads in order: a "finished" later in the same batch
                     # stays the run's last word.
-                    rewind: dict[str, object] = {
-                        "type": "status",
-                        "run": e["run"],
-                        "time": e["time"],
-                        "state": "running",
-                        "rewind_to": step,
-                        "message": f"steps went back to {step} (resumed from a checkpoint?)",
-                    }
-                    records.append(make_record(next_id, rewind, 0))
+                    records.append(make_record(next_id, rewind_status(e, step), 0))
                     next_id += 1
                     if first == next_id - 1:
                         first = next_id  # first_id names the publisher's own first event

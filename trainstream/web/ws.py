@@ -223,12 +223,11 @@ class StreamSession(WebSocketServerProtocol):
             if self.level != WRITE:
                 self.send_json({"op": "error", "error": READ_ONLY_PUBLISH, "status": 403})
                 return
-            accepted, first, last = hub.accept(message.get("events"))
-            ack = {"op": "ack", "accepted": accepted, "first_id": first, "last_id": last}
-            # An ack means stored: send it once the history has committed.
-            # If it could not be (a full disk), say so; the connection stays.
-            d = hub.store.sync().addCallback(lambda _: self._send_if_open(ack))
-            d.addErrback(self._store_failed, first, last)
+            # An ack means stored: send it once the history has committed
+            # (in a cluster: once Redis holds it). If it could not be (a full
+            # disk, Redis unreachable), say so; the connection stays.
+            d = hub.publish(message.get("events"))
+            d.addCallbacks(self._acked, self._store_failed)
         elif op == "ping":
             try:
                 pong = encode_json({"op": "pong", "nonce": message.get("nonce")}).encode()
@@ -294,15 +293,17 @@ class StreamSession(WebSocketServerProtocol):
         self._unsubscribe()
         self.factory.clients.ws.discard(self)
 
-    def _store_failed(self, failure: Failure, first: int, last: int) -> None:
+    def _acked(self, answer: tuple[int, int, int]) -> None:
+        accepted, first, last = answer
+        self._send_if_open({"op": "ack", "accepted": accepted, "first_id": first, "last_id": last})
+
+    def _store_failed(self, failure: Failure) -> None:
         failure.trap(StoreError)
         self._send_if_open(
             {
                 "op": "error",
                 "error": str(failure.value),
                 "disk_full": isinstance(failure.value, DiskFullError),
-                "first_id": first,
-                "last_id": last,
             }
         )
 
