@@ -771,3 +771,222 @@ class RestartBrowserTests(BrowserTestCase):
             await second.ended
 
         return d(go())
+
+
+def image(run: str, step: int, width: int, rgb: tuple[int, int, int], name: str = "samples") -> Any:
+    """An ``image`` event: a ``width`` x 8 PNG of one colour (its width tells the step apart)."""
+    import numpy as np
+
+    from trainstream.integrations._media import image_event, png_bytes
+
+    pixels = np.zeros((8, width, 3), dtype=np.uint8)
+    pixels[:, :] = rgb
+    return image_event(run, name, step, png_bytes(pixels), width, 8)
+
+
+def histogram(run: str, step: int, name: str = "fc.weight") -> Any:
+    """A ``histogram`` event: a normal sample whose mean moves with the step."""
+    import numpy as np
+
+    from trainstream.integrations._media import histogram_event
+
+    values = np.random.default_rng(step).normal(step / 10, 1.0, 500)
+    return histogram_event(run, name, step, values, bins=40)
+
+
+MEDIA = "return window.trainstream && window.trainstream.media()"
+
+
+def card_of(kind: str, run: str, name: str) -> Callable[[Any], Any]:
+    def find(cards: Any) -> Any:
+        for c in cards or []:
+            if (c["kind"], c["run"], c["name"]) == (kind, run, name):
+                return c
+        return None
+
+    return find
+
+
+class MediaBrowserTests(InProcessBrowserTestCase):
+    """Images (with a step slider) and histograms (over steps), from history and live."""
+
+    def setUp(self) -> Deferred[Any]:  # type: ignore[override]
+        try:
+            import numpy  # noqa: F401
+        except ImportError as e:
+            raise SkipTest(f"numpy is not importable ({e}): media events are made with it") from e
+        return super().setUp()
+
+    def test_images_and_histograms_live(self) -> Deferred[None]:
+        """
+        A run whose images and histograms are published after the page
+        opened shows them; the slider follows the latest step until moved,
+        shows the step it is moved to (fetched by id), and follows again at
+        the end; the histogram panel gains steps live.
+        """
+        colours = [(230, 60, 60), (60, 160, 60), (60, 90, 230), (200, 160, 40)]
+
+        async def go() -> None:
+            browser = await self.browser()
+            await deferToThread(browser.get, self.page())
+            await deferToThread(browser.wait, STATUS, loaded, "the page to load")
+            self.assertEqual(await deferToThread(browser.js, MEDIA), [])
+            events = [metric("vision", s, 1.0 / (s + 1)) for s in range(10)]
+            events += [histogram("vision", s) for s in range(10)]
+            events += [image("vision", s, 10 + s, colours[s % 4]) for s in range(4)]
+            await self.post(self.base, events, self.token)
+            find = card_of("image", "vision", "samples")
+            shown = await deferToThread(
+                browser.wait,
+                MEDIA,
+                lambda cards: (c := find(cards)) is not None and c["width"] == 13,
+                "the latest image shown",
+            )
+            self.assertEqual(find(shown)["steps"], [0, 1, 2, 3])
+            self.assertEqual((find(shown)["shown"], find(shown)["follow"]), (3, True))
+            hist = card_of("histogram", "vision", "fc.weight")
+            await deferToThread(
+                browser.wait,
+                MEDIA,
+                lambda cards: (c := hist(cards)) is not None and c["steps"] == list(range(10)),
+                "ten histogram steps",
+            )
+            await self.shot(browser, "media-live.png")
+            # Move the slider to step 1: that image (10 + 1 pixels wide) is shown.
+            slider = (
+                "const card = document.querySelector("
+                '\'.media-card[data-kind="image"][data-name="samples"]\');'
+                "const s = card.querySelector('input[type=range]');"
+            )
+            await deferToThread(
+                browser.js,
+                slider + "s.value = '1'; s.dispatchEvent(new Event('input'));",
+            )
+            moved = await deferToThread(
+                browser.wait,
+                MEDIA,
+                lambda cards: find(cards)["width"] == 11,
+                "step 1 shown after moving the slider",
+            )
+            self.assertEqual((find(moved)["shown"], find(moved)["follow"]), (1, False))
+            label = await deferToThread(browser.js, slider + "return card.innerText")
+            self.assertIn("step 1 (2/4)", label)
+            # New steps arrive: the slider stays where the user put it.
+            await self.post(
+                self.base,
+                [image("vision", 4, 14, colours[0]), *(histogram("vision", s) for s in (10, 11))],
+                self.token,
+            )
+            await deferToThread(
+                browser.wait,
+                MEDIA,
+                lambda cards: (
+                    find(cards)["steps"] == [0, 1, 2, 3, 4] and hist(cards)["steps"][-1] == 11
+                ),
+                "step 4 listed and histogram step 11",
+            )
+            self.assertEqual(find(await deferToThread(browser.js, MEDIA))["shown"], 1)
+            # Back at the end: it follows again.
+            await deferToThread(
+                browser.js, slider + "s.value = s.max; s.dispatchEvent(new Event('input'));"
+            )
+            await self.post(self.base, [image("vision", 5, 15, colours[1])], self.token)
+            last = await deferToThread(
+                browser.wait,
+                MEDIA,
+                lambda cards: find(cards)["width"] == 15,
+                "the new latest step 5 shown",
+            )
+            self.assertEqual((find(last)["shown"], find(last)["follow"]), (5, True))
+            drawn = await deferToThread(
+                browser.js,
+                "const c = document.querySelector('.media-card[data-kind=\"histogram\"] canvas');"
+                "const g = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                "let n = 0; for (let i = 3; i < g.length; i += 4) if (g[i] > 0) n++; return n;",
+            )
+            self.assertGreater(drawn, 1000)  # the histogram panel has painted pixels
+            await self.shot(browser, "media-slider.png")
+            await deferToThread(browser.js, "document.getElementById('theme').click()")
+            await deferToThread(
+                browser.wait, STATUS, lambda s: "train/loss" in s["drawn"], "redrawn in dark"
+            )
+            await self.shot(browser, "media-dark.png")
+            await deferToThread(
+                browser.element_screenshot,
+                "return document.querySelector('.media-card[data-kind=\"histogram\"]')",
+                os.path.join(self.shots, "media-histogram.png"),
+            )
+            logs = await deferToThread(browser.browser_logs)
+            self.assertEqual(severe(logs), [])
+
+        return d(go())
+
+    def test_media_history_pr_curve_and_layout(self) -> Deferred[None]:
+        """Published before the page opened: cards from the run's detail, the latest shown."""
+
+        async def go() -> None:
+            from trainstream.integrations._media import layout_event, pr_curve_event
+
+            events = [image("old", s, 20 + s, (90, 90, 90), "grid") for s in range(3)]
+            events += [histogram("old", s, "w") for s in range(30)]
+            events.append(
+                pr_curve_event("old", "cat", 0, [0.5, 0.8, 1.0], [1.0, 0.6, 0.1], [0, 0.5, 1])
+            )
+            offsets = {"a": 0.0, "b": 0.2, "c": 0.1}  # c between a and b: the Margin chart
+            events += [
+                metric("old", s, s / 10 + o, n) for s in range(5) for n, o in offsets.items()
+            ]
+            events.append(
+                layout_event(
+                    "old",
+                    {
+                        "losses": {"both": ["Multiline", ["a", "b"]], "all": ["Multiline", [".*"]]},
+                        "band": {"c in a..b": ["Margin", ["c", "a", "b"]]},
+                    },
+                )
+            )
+            await self.post(self.base, events, self.token)
+            browser = await self.browser()
+            await deferToThread(browser.get, self.page())
+            await deferToThread(browser.wait, STATUS, loaded, "the page to load")
+            grid = card_of("image", "old", "grid")
+            cards = await deferToThread(
+                browser.wait,
+                MEDIA,
+                lambda cards: (c := grid(cards)) is not None and c["width"] == 22,
+                "the latest image of the history shown",
+            )
+            self.assertEqual(grid(cards)["steps"], [0, 1, 2])
+            hist = card_of("histogram", "old", "w")
+            cards = await deferToThread(
+                browser.wait,
+                MEDIA,
+                lambda cards: (c := hist(cards)) is not None and len(c["steps"]) == 20,
+                "the latest 20 histogram steps",
+            )
+            self.assertEqual(hist(cards)["steps"], list(range(10, 30)))
+            self.assertEqual(card_of("pr_curve", "old", "cat")(cards)["steps"], [0])
+            text = await deferToThread(browser.js, "return document.body.innerText")
+            self.assertIn("losses / both (Multiline): a, b", text)
+            layouts = await deferToThread(
+                browser.wait,
+                "return window.trainstream.layouts()",
+                lambda v: v and len(v.get("old", [])) == 3 and all(c["drawn"] for c in v["old"]),
+                "the custom scalars drawn",
+            )
+            drawn = [c["drawn"] for c in layouts["old"]]
+            self.assertEqual(drawn, [["a", "b"], ["a", "b", "c"], ["c", "a", "b"]])
+            plots = await deferToThread(
+                browser.js, "return document.querySelectorAll('.layout-chart .u-over').length"
+            )
+            self.assertEqual(plots, 3)
+            await self.shot(browser, "media-history.png")
+            await deferToThread(
+                browser.element_screenshot,
+                "const e = document.querySelector('.media-layout'); e.scrollIntoView(); return e",
+                os.path.join(self.shots, "media-layout.png"),
+            )
+            logs = await deferToThread(browser.browser_logs)
+            self.assertEqual(severe(logs), [])
+
+        return d(go())

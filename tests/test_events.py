@@ -400,6 +400,28 @@ EXAMPLES: dict[str, dict[str, object]] = {
         "message": "loss is NaN",
         "name": "train/loss",
     },
+    # The media types (tests/test_media.py tests them further).
+    "histogram": {"type": "histogram", "run": "r", "name": "w", "step": 1, "buckets": [[0, 1, 2]]},
+    "image": {
+        "type": "image",
+        "run": "r",
+        "name": "i",
+        "step": 0,
+        "format": "png",
+        "width": 1,
+        "height": 1,
+        "data": "iVBO",
+    },
+    "pr_curve": {
+        "type": "pr_curve",
+        "run": "r",
+        "name": "p",
+        "step": 0,
+        "precision": [1, 0.5],
+        "recall": [0, 1],
+        "thresholds": [0, 1],
+    },
+    "layout": {"type": "layout", "run": "r", "layout": {"c": {"t": ["Multiline", ["a", "b"]]}}},
 }
 
 

@@ -410,6 +410,16 @@ class TokenServerTests(RemoteTestCase):
 # The integrations: an exception that ends training marks their run failed.
 
 FRAMEWORK_SCRIPTS = {
+    "writer": """
+        import sys
+        from trainstream.integrations.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(url=sys.argv[1], run="tb-fail")  # no with block, no close()
+        for step in range(5):
+            writer.add_scalar("loss", 1.0 / (step + 1), step)
+            if step == 2:
+                raise RuntimeError("writer boom at step 2")
+    """,
     "keras": """
         import os, sys
         os.environ["KERAS_BACKEND"] = "torch"
@@ -491,7 +501,8 @@ class IntegrationFailureTests(RemoteTestCase):
     def fails(self, framework: str, run: str, message: str) -> Deferred[None]:
         from importlib.util import find_spec
 
-        for module in (framework, "torch"):  # looked for, not imported: the child imports them
+        modules = () if framework == "writer" else (framework, "torch")
+        for module in modules:  # looked for, not imported: the child imports them
             if find_spec(module) is None:
                 reason = f"{module} is not installed: pip install '.[{framework}]'"
                 print(f"SKIPPED: {reason}", file=sys.stderr)
@@ -506,6 +517,9 @@ class IntegrationFailureTests(RemoteTestCase):
             self.assertIn(("running", None), states)
 
         return Deferred.fromCoroutine(go())
+
+    def test_summary_writer(self) -> Deferred[None]:
+        return self.fails("writer", "tb-fail", "RuntimeError: writer boom at step 2")
 
     def test_keras(self) -> Deferred[None]:
         return self.fails("keras", "keras-fail", "RuntimeError: keras boom at batch 2")

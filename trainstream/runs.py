@@ -34,15 +34,21 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from trainstream.events import STATES, non_finite_name
+from trainstream.events.rules import MEDIA_TYPES
 from trainstream.hub import Hub
 from trainstream.store import Record, SeriesSummary
+from trainstream.store.filter import Filter
 
 _log = Logger()
 
 #: States in which a run is expected to keep sending events.
 WATCHED_STATES = frozenset({"running", "created"})
 #: Event types that move a stalled run back to running.
-_ALIVE_TYPES = frozenset({"metric", "log", "hparams"})
+_ALIVE_TYPES = frozenset({"metric", "log", "hparams"}) | MEDIA_TYPES
+#: Steps a media index keeps per (run, type, name): the latest ones.
+MAX_MEDIA_STEPS = 1000
+#: The media types that have a name and steps, and their keys in a run's detail.
+_MEDIA_KEYS = {"image": "images", "histogram": "histograms", "pr_curve": "pr_curves"}
 #: The states a metric puts back to "running" (stalled: alive again; created: started).
 _REVIVED_BY_METRIC = frozenset({"stalled", "created"})
 
@@ -82,6 +88,38 @@ class MetricSummary:
 
 
 @define
+class MediaIndex:
+    """
+    One media series (the images, histograms or PR curves of one name):
+    how many, and ``[step, id]`` of the latest ``MAX_MEDIA_STEPS``, so a
+    page can list the steps and fetch one by id (``GET /api/events``).
+    """
+
+    count: int = 0
+    steps: list[list[int]] = Factory(list)
+
+    def add(self, step: int, event_id: int) -> None:
+        self.count += 1
+        steps = self.steps
+        if steps and steps[-1][0] == step:
+            steps[-1][1] = event_id  # the same step again: the newer one holds
+            return
+        while steps and steps[-1][0] > step:
+            steps.pop()  # the steps went back (a checkpoint resumed): a new tail
+        steps.append([step, event_id])
+        if len(steps) > MAX_MEDIA_STEPS * 2:
+            del steps[:-MAX_MEDIA_STEPS]
+
+    def to_json(self) -> dict[str, object]:
+        steps = self.steps[-MAX_MEDIA_STEPS:]
+        return {
+            "count": self.count,
+            "last_step": steps[-1][0] if steps else None,
+            "steps": [list(s) for s in steps],
+        }
+
+
+@define
 class RunInfo:
     """
     What the registry keeps of one run.
@@ -101,6 +139,10 @@ class RunInfo:
     last_step: int | None = None
     hparams: dict[str, object] = Factory(dict)
     metrics: dict[str, MetricSummary] = Factory(dict)
+    #: ``(type, name)`` of each media series -> its index.
+    media: dict[tuple[str, str], MediaIndex] = Factory(dict)
+    #: The latest ``layout`` event's layout (custom scalars), if any.
+    layout: dict[str, object] | None = None
 
     def summary(self) -> dict[str, object]:
         """The run as ``GET /api/runs`` lists it."""
@@ -123,7 +165,16 @@ class RunInfo:
             "last_step": self.last_step,
             "hparams": dict(self.hparams),
             "metrics": {name: m.to_json() for name, m in self.metrics.items()},
+            **self.media_detail(),
         }
+
+    def media_detail(self) -> dict[str, object]:
+        """``images``, ``histograms``, ``pr_curves`` (name -> index) and ``layout``."""
+        out: dict[str, object] = {key: {} for key in _MEDIA_KEYS.values()}
+        for (kind, name), index in self.media.items():
+            cast(dict[str, object], out[_MEDIA_KEYS[kind]])[name] = index.to_json()
+        out["layout"] = self.layout
+        return out
 
 
 class RunsService(Service):
@@ -171,6 +222,8 @@ class RunsService(Service):
             records, summaries = registry()
             self._apply_all(records, [])
             self._load_summaries(summaries)
+            # The registry read leaves media out: their index comes from their events.
+            self._apply_all(self.hub.store.after(0, Filter(types=tuple(MEDIA_TYPES))), [])
 
     # Service
 
@@ -343,6 +396,14 @@ class RunsService(Service):
             info.state = "running"
         if kind == "hparams":
             info.hparams.update(cast(dict[str, object], event["params"]))
+        elif kind in _MEDIA_KEYS and record.name is not None:
+            key = (kind, record.name)
+            index = info.media.get(key)
+            if index is None:
+                index = info.media[key] = MediaIndex()
+            index.add(cast(int, event["step"]), record.id)
+        elif kind == "layout":
+            info.layout = cast(dict[str, object], event["layout"])
         elif kind == "metric":
             name = cast(str, record.name)
             step = cast(int, event["step"])
@@ -375,4 +436,11 @@ class RunsService(Service):
             )
 
 
-__all__ = ["WATCHED_STATES", "MetricSummary", "RunInfo", "RunsService"]
+__all__ = [
+    "MAX_MEDIA_STEPS",
+    "WATCHED_STATES",
+    "MediaIndex",
+    "MetricSummary",
+    "RunInfo",
+    "RunsService",
+]

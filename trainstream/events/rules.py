@@ -18,7 +18,12 @@ from collections.abc import Mapping
 
 import attrs
 
-EVENT_TYPES: frozenset[str] = frozenset({"metric", "status", "log", "hparams", "alert"})
+#: The media types (trainstream's own, beyond PROTOCOL.md; see docs/protocol.md,
+#: "Media events"): what TensorBoard's writer logs besides scalars and text.
+MEDIA_TYPES: frozenset[str] = frozenset({"histogram", "image", "pr_curve", "layout"})
+EVENT_TYPES: frozenset[str] = (
+    frozenset({"metric", "status", "log", "hparams", "alert"}) | MEDIA_TYPES
+)
 STATES: frozenset[str] = frozenset(
     {"created", "running", "paused", "finished", "failed", "stalled"}
 )
@@ -36,6 +41,18 @@ INT_MAX = 2**63 - 1
 MAX_EVENT_BYTES = 64 * 1024
 #: One request body (REST) or message (WebSocket) at most, in bytes.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: One media event (an image above all), encoded, at most: base64 PNG of a
+#: few hundred pixels a side. The writer scales a larger image down to fit.
+MAX_MEDIA_BYTES = 256 * 1024
+#: Image formats an ``image`` event may hold, and its largest side in pixels.
+IMAGE_FORMATS: frozenset[str] = frozenset({"png", "jpeg"})
+MAX_IMAGE_SIDE = 16384
+#: Buckets of one ``histogram``, points of one ``pr_curve``, at most.
+MAX_BUCKETS = 4096
+MAX_CURVE_POINTS = 4096
+#: A ``layout`` (custom scalars): its chart kinds, and tags per chart at most.
+CHART_KINDS: frozenset[str] = frozenset({"Multiline", "Margin"})
+MAX_LAYOUT_TAGS = 256
 
 # The name alphabet, as a regular-expression class: a run or metric name is
 # 1..N of these characters, and "/" too, but not first.
@@ -63,6 +80,11 @@ FIELDS: Mapping[str, frozenset[str]] = {
     "log": _COMMON_FIELDS | {"level", "message"},
     "hparams": _COMMON_FIELDS | {"params"},
     "alert": _COMMON_FIELDS | {"kind", "message", "name"},
+    "histogram": _COMMON_FIELDS
+    | {"name", "step", "buckets", "min", "max", "num", "sum", "sum_squares"},
+    "image": _COMMON_FIELDS | {"name", "step", "format", "width", "height", "data"},
+    "pr_curve": _COMMON_FIELDS | {"name", "step", "precision", "recall", "thresholds"},
+    "layout": _COMMON_FIELDS | {"layout"},
 }
 #: Fields only the server may set: named as such instead of as unknown.
 SERVER_FIELDS: Mapping[str, str] = {"id": "assigned", "rewind_to": "added"}
@@ -77,6 +99,8 @@ class Limits:
         bytes of UTF-8 (over it: HTTP 400).
     :ivar max_body_bytes: one request body or WebSocket message in bytes
         (over it: HTTP 413, WebSocket close 1009).
+    :ivar max_media_bytes: one event of a ``MEDIA_TYPES`` type, encoded, in
+        bytes (over it: HTTP 400).
     """
 
     max_event_bytes: int = attrs.field(
@@ -85,6 +109,12 @@ class Limits:
     )
     max_body_bytes: int = attrs.field(
         default=MAX_BODY_BYTES,
+        validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)],
+    )
+    #: One media event (``MEDIA_TYPES``: an image above all) in bytes, in
+    #: place of ``max_event_bytes``; ``Hub(limits=Limits(max_media_bytes=N))``.
+    max_media_bytes: int = attrs.field(
+        default=MAX_MEDIA_BYTES,
         validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)],
     )
 

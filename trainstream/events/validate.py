@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn, cast
 
 from trainstream.events.codec import encode_event, encode_json
+from trainstream.events.media import CHECKERS as MEDIA_CHECKERS, NAMED as MEDIA_NAMED
 from trainstream.events.rules import (
     BAD_NAME_CHAR_RE,
     DEFAULT_LIMITS,
@@ -40,6 +41,7 @@ from trainstream.events.rules import (
     LEVELS,
     MAX_NAME_LENGTH,
     MAX_RUN_LENGTH,
+    MEDIA_TYPES,
     NAME_RE,
     NON_FINITE,
     SERVER_FIELDS,
@@ -292,6 +294,18 @@ _CHECKERS: dict[str, Callable[[Mapping[str, object], int, dict[str, object]], No
 }
 
 
+def _media(item: Mapping[str, object], index: int, out: dict[str, object]) -> None:
+    """A media event (``events/media.py``): a metric's name and step, then its own fields."""
+    kind = cast(str, out["type"])
+    if kind in MEDIA_NAMED:
+        out["name"] = _check_name(_required(item, "name", index), index, "name", MAX_NAME_LENGTH)
+        out["step"] = _check_int(_required(item, "step", index), index, "step", 0)
+    MEDIA_CHECKERS[kind](item, index, out)
+
+
+_CHECKERS.update(dict.fromkeys(MEDIA_CHECKERS, _media))
+
+
 def _required(item: Mapping[str, object], field: str, index: int) -> object:
     value = item.get(field)
     if value is None:
@@ -307,13 +321,15 @@ def _null(index: int, field: str) -> NoReturn:
 
 def _check_size(event: dict[str, object], index: int, limits: Limits) -> None:
     size = len(encode_event(event).encode("utf-8"))
-    if size <= limits.max_event_bytes:
+    kind = "media " if event["type"] in MEDIA_TYPES else ""
+    limit = limits.max_media_bytes if kind else limits.max_event_bytes
+    if size <= limit:
         return
     sizes = {k: len(encode_json(v).encode("utf-8")) for k, v in event.items()}
     largest = max(sizes, key=sizes.__getitem__)
     raise EventError(
         f"event {index}: encoded size {size} bytes is over the limit of "
-        f"{limits.max_event_bytes} bytes; its largest field is "
+        f"{limit} bytes for {kind}events; its largest field is "
         f'"{largest}" ({sizes[largest]} bytes), shorten it',
         index,
         largest,

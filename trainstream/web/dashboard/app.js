@@ -32,7 +32,7 @@
     "#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1",
     "#76b7b2", "#edc948", "#ff9da7", "#9c755f", "#8cd17d",
   ];
-  const EVENT_TYPES = ["metric", "status", "log", "hparams", "alert"];
+  const EVENT_TYPES = ["metric", "status", "log", "hparams", "alert", "histogram", "image", "pr_curve", "layout"];
   const PANEL_EVENTS = 500;          // status/log/alert entries kept in the panel
   const FRAME_BUDGET_MS = 8;         // chart redraw time per animation frame
   const HISTORY_CONCURRENCY = 6;     // parallel history requests
@@ -423,6 +423,12 @@
       case "alert":
         addPanelEvent(ev);
         return;
+      case "histogram":
+      case "image":
+      case "pr_curve":
+      case "layout":
+        applyMedia(ev);
+        return;
       default:
         return;
     }
@@ -576,6 +582,7 @@
     const run = ensureRun(name, detail);
     Object.assign(run.hparams, detail.hparams || {});
     if (state.selected === name) renderHparams();
+    await loadMedia(name, detail, current);
   }
 
   async function loadSeries(runName, name, current) {
@@ -619,6 +626,7 @@
     closeStream();
     for (const chart of state.charts.values()) chart.destroy();
     state.charts.clear();
+    resetMedia();
     state.runs.clear();
     state.series.clear();
     state.pending = [];
@@ -945,7 +953,7 @@
     const names = [...state.charts.keys()].sort();
     const after = names[names.indexOf(name) + 1];
     const container = $("charts");
-    container.insertBefore(chart.card, after ? state.charts.get(after).card : null);
+    container.insertBefore(chart.card, after ? state.charts.get(after).card : mediaHead());
     chart.card.hidden = !chart.shown();
     visibility.observe(chart.card);
     updateEmpty();
@@ -982,6 +990,7 @@
     if (!state.loading && state.pending.length) applyPending();
     if (state.runsDirty) renderRuns();
     drawCharts(start);
+    drawMedia();
   }
 
   // ------------------------------------------------------------ side panel
@@ -1017,6 +1026,7 @@
     box.addEventListener("change", () => {
       run.visible = box.checked;
       for (const name of run.metrics) markChart(name);
+      refreshMediaVisibility();
     });
     const swatch = document.createElement("span");
     swatch.className = "swatch";
@@ -1120,7 +1130,7 @@
   }
 
   function updateEmpty() {
-    $("empty").hidden = state.charts.size > 0;
+    $("empty").hidden = state.charts.size > 0 || media.cards.size > 0 || media.layouts.size > 0;
   }
 
   // ------------------------------------------------------------- controls
@@ -1163,16 +1173,546 @@
         chart.card.hidden = !chart.shown();
         chart.dirty = true;
       }
+      refreshMediaVisibility();
     });
     $("theme").addEventListener("click", () => {
       settings.theme = settings.theme === "dark" ? "light" : "dark";
       applyTheme();
       saveSettings();
       markAll();
+      for (const card of media.cards.values()) {
+        if (card.plot) card.plot.destroy();
+        card.plot = null;
+        card.dirty = true;
+      }
+      for (const card of media.layouts.values()) for (const c of card.charts) c.sig = "";
     });
     new ResizeObserver(() => {
+      for (const card of media.cards.values()) card.dirty = true;
       for (const chart of state.charts.values()) chart.resize();
     }).observe($("charts"));
+  }
+
+  // --------------------------------------------------------------- media
+  //
+  // Images, histograms, PR curves and custom-scalar layouts (docs/protocol.md,
+  // "Media events"): one card per (kind, run, name), after the charts. A run's
+  // detail (api/runs/{run}) lists each series' [step, id]; an image is
+  // fetched by its id when shown (api/events?after=id-1&limit=1), the latest
+  // histograms at load; live events bring their data with them. The cutoff
+  // rule of the metrics holds: a live event whose id is already listed is
+  // skipped, so no step is shown twice.
+
+  const MEDIA_KEYS = { image: "images", histogram: "histograms", pr_curve: "pr_curves" };
+  const HISTOGRAM_STEPS = 20;  // steps a histogram card draws, the latest
+  const HISTOGRAM_BINS = 30;   // bins each step is drawn with (TensorBoard's)
+  const IMAGES_KEPT = 64;      // decoded images a card keeps (others fetched again)
+  const media = { cards: new Map(), layouts: new Map() };
+  const mediaKey = (kind, run, name) => `${kind}\n${run}\n${name}`;
+
+  function mediaHead() {
+    let head = $("media-head");
+    if (!head) {
+      head = document.createElement("h2");
+      head.id = "media-head";
+      head.className = "media-head";
+      head.textContent = "Images, histograms, PR curves";
+      head.hidden = true;
+      $("charts").append(head);
+    }
+    return head;
+  }
+
+  function mediaCard(kind, run, name) {
+    const key = mediaKey(kind, run, name);
+    let card = media.cards.get(key);
+    if (card) return card;
+    card = kind === "image" ? new ImageCard(run, name) : kind === "histogram"
+      ? new HistogramCard(run, name) : new CurveCard(run, name);
+    card.kind = kind;
+    media.cards.set(key, card);
+    card.el.dataset.kind = kind;
+    card.el.dataset.run = run;
+    card.el.dataset.name = name;
+    // After the charts, sorted by kind, name, run.
+    const head = mediaHead();
+    head.hidden = false;
+    const keys = [...media.cards.keys()].sort();
+    const next = keys[keys.indexOf(key) + 1];
+    $("charts").insertBefore(card.el, next ? media.cards.get(next).el : null);
+    card.el.hidden = !mediaShown(card);
+    updateEmpty();
+    return card;
+  }
+
+  function mediaShown(card) {
+    const run = state.runs.get(card.run);
+    return (!run || run.visible) && (!settings.filter || card.name.toLowerCase().includes(settings.filter));
+  }
+
+  function refreshMediaVisibility() {
+    for (const card of media.cards.values()) {
+      card.el.hidden = !mediaShown(card);
+      if (!card.el.hidden) card.dirty = true;
+    }
+  }
+
+  function cardShell(title, run) {
+    const el = document.createElement("div");
+    el.className = "chart media-card";
+    const h = document.createElement("h3");
+    const label = document.createElement("span");
+    label.textContent = title;
+    const who = document.createElement("span");
+    who.className = "hint";
+    who.textContent = run;
+    h.append(label, who);
+    el.append(h);
+    return el;
+  }
+
+  /** Insert [step, id] into a sorted list (a step again: the newer id). False if known. */
+  function addStep(steps, step, id) {
+    const i = lowerBound(steps.map((s) => s[0]), step);
+    if (i < steps.length && steps[i][0] === step) {
+      if (steps[i][1] >= id) return false;
+      steps[i][1] = id;
+      return true;
+    }
+    steps.splice(i, 0, [step, id]);
+    return true;
+  }
+
+  class ImageCard {
+    constructor(run, name) {
+      this.run = run;
+      this.name = name;
+      this.steps = [];        // [step, id], by step
+      this.data = new Map();  // id -> data: URL
+      this.follow = true;     // the slider follows the latest step until moved
+      this.index = -1;
+      this.shownId = 0;
+      this.el = cardShell(name, run);
+      this.img = document.createElement("img");
+      this.img.className = "media-image";
+      this.img.alt = `${name} (${run})`;
+      const row = document.createElement("div");
+      row.className = "media-row";
+      this.slider = document.createElement("input");
+      this.slider.type = "range";
+      this.slider.min = "0";
+      this.slider.max = "0";
+      this.slider.value = "0";
+      this.slider.title = "step";
+      this.label = document.createElement("output");
+      row.append(this.slider, this.label);
+      this.el.append(this.img, row);
+      this.slider.addEventListener("input", () => {
+        this.index = Number(this.slider.value);
+        this.follow = this.index === this.steps.length - 1;
+        this.show();
+      });
+    }
+
+    add(step, id, ev) {
+      if (!addStep(this.steps, step, id)) return;
+      if (ev) this.keep(id, ev);
+      if (this.follow) this.index = this.steps.length - 1;
+      else if (this.index >= 0 && this.steps[this.index][1] !== this.shownId) {
+        // a step was inserted before the one shown: keep showing that one
+        const at = this.steps.findIndex((s) => s[1] === this.shownId);
+        if (at >= 0) this.index = at;
+      }
+      this.show();
+    }
+
+    keep(id, ev) {
+      this.data.set(id, `data:image/${ev.format};base64,${ev.data}`);
+      if (this.data.size > IMAGES_KEPT) this.data.delete(this.data.keys().next().value);
+    }
+
+    async show() {
+      const n = this.steps.length;
+      this.slider.max = String(Math.max(0, n - 1));
+      if (this.index < 0 || this.index >= n) this.index = n - 1;
+      this.slider.value = String(this.index);
+      this.slider.disabled = n < 2;
+      if (n === 0) return;
+      const [step, id] = this.steps[this.index];
+      this.label.textContent = `step ${step} (${this.index + 1}/${n})`;
+      let src = this.data.get(id);
+      if (!src) {
+        const generation = state.generation;
+        try {
+          const { events } = await api("api/events", {
+            after: id - 1, limit: 1, run: this.run, type: "image",
+          });
+          if (generation !== state.generation || !events.length || events[0].id !== id) return;
+          this.keep(id, events[0]);
+          src = this.data.get(id);
+        } catch (e) {
+          console.warn(`trainstream: image ${this.name} of ${this.run} at step ${step}: ${e.message}`);
+          return;
+        }
+        if (this.steps[this.index][1] !== id) return; // the slider moved on meanwhile
+      }
+      this.shownId = id;
+      this.shownStep = step;
+      this.img.src = src;
+    }
+
+    info() {
+      return { steps: this.steps.map((s) => s[0]), shown: this.shownStep, follow: this.follow,
+               width: this.img.naturalWidth, height: this.img.naturalHeight };
+    }
+  }
+
+  class HistogramCard {
+    constructor(run, name) {
+      this.run = run;
+      this.name = name;
+      this.steps = [];   // [step, id, buckets], by step, the latest HISTOGRAM_STEPS
+      this.dirty = true;
+      this.el = cardShell(name, run);
+      this.canvas = document.createElement("canvas");
+      this.canvas.className = "media-histogram";
+      this.caption = document.createElement("div");
+      this.caption.className = "media-row muted";
+      this.el.append(this.canvas, this.caption);
+    }
+
+    add(step, id, ev) {
+      const i = lowerBound(this.steps.map((s) => s[0]), step);
+      if (i < this.steps.length && this.steps[i][0] === step) {
+        if (this.steps[i][1] >= id) return;
+        this.steps[i] = [step, id, ev.buckets];
+      } else {
+        this.steps.splice(i, 0, [step, id, ev.buckets]);
+      }
+      if (this.steps.length > HISTOGRAM_STEPS) this.steps.splice(0, this.steps.length - HISTOGRAM_STEPS);
+      this.dirty = true;
+    }
+
+    /** The TensorBoard "offset" view: one filled curve per step, the newest in front. */
+    draw() {
+      this.dirty = false;
+      const width = this.el.clientWidth - 16 || 400;
+      const height = CHART_HEIGHT - 30;
+      const ratio = devicePixelRatio || 1;
+      this.canvas.width = Math.round(width * ratio);
+      this.canvas.height = Math.round(height * ratio);
+      this.canvas.style.width = `${width}px`;
+      this.canvas.style.height = `${height}px`;
+      const g = this.canvas.getContext("2d");
+      g.setTransform(ratio, 0, 0, ratio, 0, 0);
+      g.clearRect(0, 0, width, height);
+      const steps = this.steps;
+      if (!steps.length) return;
+      let lo = Infinity;
+      let hi = -Infinity;
+      for (const [, , buckets] of steps) {
+        for (const [l, r, c] of buckets) {
+          if (c > 0 && r >= l) {
+            lo = Math.min(lo, l);
+            hi = Math.max(hi, r);
+          }
+        }
+      }
+      if (!(hi >= lo)) return;
+      if (hi === lo) { lo -= 0.5; hi += 0.5; }
+      const bins = steps.map(([, , buckets]) => rebin(buckets, lo, hi, HISTOGRAM_BINS));
+      const top = Math.max(1e-12, ...bins.flat());
+      const css = getComputedStyle(document.documentElement);
+      const axis = css.getPropertyValue("--axis").trim();
+      const run = state.runs.get(this.run);
+      const color = run ? run.color : PALETTE[0];
+      const left = 8;
+      const bottom = height - 18;
+      const offset = steps.length > 1 ? Math.min(10, (bottom * 0.45) / (steps.length - 1)) : 0;
+      const plotH = bottom - offset * (steps.length - 1) - 4;
+      const plotW = width - left - 8 - offset * 0.5 * (steps.length - 1);
+      for (let k = 0; k < steps.length; k++) {
+        const base = bottom - offset * (steps.length - 1 - k);
+        const shift = left + offset * 0.5 * (steps.length - 1 - k);
+        const counts = bins[k];
+        g.beginPath();
+        g.moveTo(shift, base);
+        for (let b = 0; b < counts.length; b++) {
+          g.lineTo(shift + (plotW * (b + 0.5)) / counts.length, base - (plotH * counts[b]) / top);
+        }
+        g.lineTo(shift + plotW, base);
+        g.closePath();
+        g.globalAlpha = 0.25 + (0.6 * (k + 1)) / steps.length;
+        g.fillStyle = color;
+        g.fill();
+        g.globalAlpha = 1;
+        g.strokeStyle = css.getPropertyValue("--panel").trim() || "#fff";
+        g.lineWidth = 1;
+        g.stroke();
+      }
+      g.fillStyle = axis;
+      g.font = "11px system-ui, sans-serif";
+      g.textBaseline = "top";
+      g.textAlign = "left";
+      g.fillText(formatValue(lo), left, bottom + 4);
+      g.textAlign = "right";
+      g.fillText(formatValue(hi), left + plotW, bottom + 4);
+      const first = steps[0][0];
+      const last = steps[steps.length - 1][0];
+      this.caption.textContent = steps.length > 1
+        ? `steps ${first}–${last} (${steps.length} shown, newest in front)` : `step ${last}`;
+    }
+
+    info() {
+      return { steps: this.steps.map((s) => s[0]) };
+    }
+  }
+
+  /** Counts of `buckets` ([left, right, count]) spread over `n` equal bins of [lo, hi]. */
+  function rebin(buckets, lo, hi, n) {
+    const out = new Array(n).fill(0);
+    const w = (hi - lo) / n;
+    for (const [l, r, c] of buckets) {
+      if (!(c > 0) || r < l) continue;
+      if (r === l) {
+        out[Math.min(n - 1, Math.max(0, Math.floor((l - lo) / w)))] += c;
+        continue;
+      }
+      const b0 = Math.max(0, Math.floor((l - lo) / w));
+      const b1 = Math.min(n - 1, Math.floor((r - lo) / w));
+      for (let b = b0; b <= b1; b++) {
+        const overlap = Math.min(r, lo + (b + 1) * w) - Math.max(l, lo + b * w);
+        if (overlap > 0) out[b] += (c * overlap) / (r - l);
+      }
+    }
+    return out;
+  }
+
+  class CurveCard {
+    constructor(run, name) {
+      this.run = run;
+      this.name = name;
+      this.latest = null;   // [step, id, event]
+      this.dirty = true;
+      this.plot = null;
+      this.el = cardShell(`${name} (PR curve)`, run);
+      this.target = document.createElement("div");
+      this.target.className = "plot";
+      this.caption = document.createElement("div");
+      this.caption.className = "media-row muted";
+      this.el.append(this.target, this.caption);
+    }
+
+    add(step, id, ev) {
+      if (this.latest && (this.latest[0] > step || this.latest[1] >= id)) return;
+      this.latest = [step, id, ev];
+      this.dirty = true;
+    }
+
+    draw() {
+      this.dirty = false;
+      if (!this.latest) return;
+      const [step, , ev] = this.latest;
+      const n = Math.min(ev.precision.length, ev.recall.length);
+      const points = [];
+      for (let i = 0; i < n; i++) points.push([ev.recall[i], ev.precision[i]]);
+      points.sort((a, b) => a[0] - b[0]);
+      const data = [points.map((p) => p[0]), points.map((p) => p[1])];
+      this.caption.textContent = `precision (y) against recall (x) at step ${step}`;
+      const width = this.el.clientWidth - 16 || 400;
+      if (this.plot) {
+        this.plot.setData(data);
+        return;
+      }
+      const css = getComputedStyle(document.documentElement);
+      const axis = { stroke: css.getPropertyValue("--axis").trim(), grid: { stroke: css.getPropertyValue("--grid").trim() } };
+      const run = state.runs.get(this.run);
+      this.plot = new uPlot({
+        width, height: CHART_HEIGHT - 40,
+        scales: { x: { time: false, range: [0, 1] }, y: { range: [0, 1] } },
+        axes: [axis, axis],
+        legend: { show: false },
+        series: [{}, { label: "precision", stroke: run ? run.color : PALETTE[0], width: 2 }],
+      }, data, this.target);
+    }
+
+    info() {
+      return { steps: this.latest ? [this.latest[0]] : [] };
+    }
+  }
+
+  /**
+   * A run's custom scalars (its latest `layout` event): one chart per entry,
+   * drawing the run's metrics that the entry's tags name. As in TensorBoard,
+   * a Multiline tag is a regular expression over metric names; a Margin
+   * chart is value, lower and upper (the bounds dashed).
+   */
+  class LayoutCard {
+    constructor(run) {
+      this.run = run;
+      this.charts = [];
+      this.el = cardShell("custom scalars", run);
+      this.el.classList.add("media-layout");
+      this.el.dataset.kind = "layout";
+      this.el.dataset.run = run;
+    }
+
+    set(layout) {
+      for (const c of this.charts) if (c.plot) c.plot.destroy();
+      this.el.querySelectorAll(".layout-chart").forEach((e) => e.remove());
+      this.charts = [];
+      for (const [category, charts] of Object.entries(layout || {})) {
+        for (const [title, [kind, tags]] of Object.entries(charts)) {
+          const box = document.createElement("div");
+          box.className = "layout-chart";
+          const head = document.createElement("div");
+          head.className = "media-row";
+          head.textContent = `${category} / ${title} (${kind}): ${tags.join(", ")}`;
+          const target = document.createElement("div");
+          target.className = "plot";
+          box.append(head, target);
+          this.el.append(box);
+          const patterns = tags.map((t) => {
+            try {
+              return new RegExp(`^(?:${t})$`);
+            } catch (e) {
+              return { test: (name) => name === t };
+            }
+          });
+          this.charts.push({ kind, tags, patterns, target, plot: null, shape: "", sig: "" });
+        }
+      }
+    }
+
+    /** The series each chart draws: Margin by position, Multiline every match. */
+    seriesOf(chart) {
+      const run = state.runs.get(this.run);
+      if (!run) return [];
+      const names = [...run.metrics].sort();
+      const picked = chart.kind === "Margin"
+        ? chart.tags.map((t) => (run.metrics.has(t) ? t : null)).filter(Boolean)
+        : names.filter((n) => chart.patterns.some((p) => p.test(n)));
+      return picked.map((n) => state.series.get(seriesKey(this.run, n))).filter(Boolean);
+    }
+
+    draw() {
+      for (const chart of this.charts) {
+        const series = this.seriesOf(chart);
+        const sig = series.map((s) => `${s.name}:${s.steps.length}:${s.changes}`).join("|");
+        if (sig === chart.sig && chart.plot) continue;
+        chart.sig = sig;
+        const data = series.length
+          ? join(series.map((s) => ({ xs: s.steps, cols: [s.values] })))
+          : [[]];
+        const shape = [settings.theme, ...series.map((s) => s.name)].join("\n");
+        if (chart.plot && shape === chart.shape) {
+          chart.plot.setData(data);
+          continue;
+        }
+        if (chart.plot) chart.plot.destroy();
+        chart.shape = shape;
+        const css = getComputedStyle(document.documentElement);
+        const axis = { stroke: css.getPropertyValue("--axis").trim(), grid: { stroke: css.getPropertyValue("--grid").trim() } };
+        chart.plot = new uPlot({
+          width: Math.max(200, chart.target.clientWidth || this.el.clientWidth - 16 || 400),
+          height: 160,
+          scales: { x: { time: false } },
+          axes: [axis, axis],
+          legend: { show: true },
+          series: [{ label: "step" }, ...series.map((s, i) => ({
+            label: s.name,
+            stroke: PALETTE[i % PALETTE.length],
+            width: chart.kind === "Margin" && i > 0 ? 1 : 2,
+            dash: chart.kind === "Margin" && i > 0 ? [4, 4] : undefined,
+            spanGaps: true,
+          }))],
+        }, data, chart.target);
+      }
+    }
+
+    info() {
+      return this.charts.map((c) => ({
+        kind: c.kind,
+        tags: c.tags,
+        drawn: c.plot ? c.plot.series.slice(1).map((x) => x.label) : [],
+      }));
+    }
+  }
+
+  function layoutCard(run, layout) {
+    let card = media.layouts.get(run);
+    if (!card) {
+      card = new LayoutCard(run);
+      media.layouts.set(run, card);
+      mediaHead().hidden = false;
+      $("charts").insertBefore(card.el, mediaHead().nextSibling);
+    }
+    card.set(layout);
+    updateEmpty();
+  }
+
+  function applyMedia(ev) {
+    if (ev.type === "layout") {
+      layoutCard(ev.run, ev.layout);
+      return;
+    }
+    const card = mediaCard(ev.type, ev.run, ev.name);
+    card.add(ev.step, ev.id, ev);
+  }
+
+  /** A run's media at load: the cards from its detail, then their content. */
+  async function loadMedia(runName, detail, current) {
+    if (detail.layout) layoutCard(runName, detail.layout);
+    const fetches = [];
+    for (const [kind, key] of Object.entries(MEDIA_KEYS)) {
+      for (const [name, index] of Object.entries(detail[key] || {})) {
+        const card = mediaCard(kind, runName, name);
+        if (kind === "image") {
+          for (const [step, id] of index.steps) addStep(card.steps, step, id);
+          card.show();
+          continue;
+        }
+        const wanted = kind === "histogram" ? index.steps.slice(-HISTOGRAM_STEPS) : index.steps.slice(-1);
+        if (!wanted.length) continue;
+        const ids = new Map(wanted.map(([step, id]) => [id, step]));
+        fetches.push(
+          api("api/events", {
+            after: wanted[0][1] - 1, run: runName, type: kind, name, limit: 1000,
+          }).then(({ events }) => {
+            if (!current()) return;
+            for (const ev of events) if (ids.has(ev.id)) card.add(ev.step, ev.id, ev);
+          }),
+        );
+      }
+    }
+    await Promise.all(fetches);
+  }
+
+  let layoutsDrawn = 0;
+
+  function drawMedia() {
+    for (const card of media.cards.values()) {
+      if (card.dirty && card.draw && !card.el.hidden) card.draw();
+    }
+    // Layout charts follow their series: looked at twice a second.
+    if (media.layouts.size && performance.now() - layoutsDrawn > 500) {
+      layoutsDrawn = performance.now();
+      for (const card of media.layouts.values()) card.draw();
+    }
+  }
+
+  function resetMedia() {
+    for (const card of media.cards.values()) {
+      if (card.plot) card.plot.destroy();
+      card.el.remove();
+    }
+    for (const card of media.layouts.values()) {
+      for (const c of card.charts) if (c.plot) c.plot.destroy();
+      card.el.remove();
+    }
+    media.cards.clear();
+    media.layouts.clear();
+    mediaHead().hidden = true;
   }
 
   // ------------------------------------------------------------ start
@@ -1197,6 +1737,10 @@
       charts: [...state.charts.keys()],
       drawn: [...state.charts.values()].filter((c) => c.plot && !c.dirty).map((c) => c.name),
     }),
+    /** The media cards: kind, run, name and what each holds (image: shown step, follow). */
+    media: () => [...media.cards.values()].map((c) => ({ kind: c.kind, run: c.run, name: c.name, ...c.info() })),
+    /** Each run's custom-scalar charts: kind, tags, and the series each draws. */
+    layouts: () => Object.fromEntries([...media.layouts].map(([run, c]) => [run, c.info()])),
     /** What uPlot drew on a chart's y axis (CSS pixels; label x = pos - tick - gap, right-aligned). */
     yAxis: (name) => {
       const chart = state.charts.get(name);
