@@ -152,6 +152,7 @@ class DocumentTests(SynchronousTestCase):
                 ("/api/runs/{run}/metrics/{name}", "GET"),
                 ("/api/runs/{run}/ranks", "GET"),
                 ("/api/runs/{run}/logs", "GET"),
+                ("/api/config/reload", "POST"),
                 ("/api/openapi.json", "GET"),
                 ("/events", "GET"),
                 ("/ws", "GET"),

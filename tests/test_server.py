@@ -54,7 +54,9 @@ class ComposedServiceTests(SynchronousTestCase):
         server = makeService({**THREE, "db": db}, reactor)
         self.assertFalse(os.path.exists(directory))
         self.assertEqual(reactor.tcpServers, [])
-        self.assertEqual([s.name for s in server], ["history", "listeners", "runs", "ranks"])
+        self.assertEqual(
+            [s.name for s in server], ["history", "listeners", "runs", "ranks", "monitoring"]
+        )
         self.successResultOf(server.start())
         self.assertTrue(os.path.exists(db))
         self.assertEqual([p[0] for p in reactor.tcpServers], [8888, 8889, 8890])

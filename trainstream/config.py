@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -85,6 +86,62 @@ def _strings(name: str) -> Check:
 
 
 _origins = _strings("allow_origin")
+
+
+def _count(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+        raise ConfigError(f"config {a.name!r} must be an integer from 0 to 1000, not {value!r}")
+
+
+@frozen
+class RedisURL:
+    """Where a cluster's Redis is: ``redis://HOST:PORT/DB`` (port 6379, db 0 by default)."""
+
+    host: str
+    port: int
+    db: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_redis_url(url: str) -> RedisURL:
+    """
+    ``redis://HOST[:PORT][/DB]`` as a :class:`RedisURL`.
+
+    :raises ConfigError: naming the URL and what is wrong with it.
+    """
+    from urllib.parse import urlsplit
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"--redis {url!r}: {why}; give redis://HOST:PORT/DB")
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if parts.scheme != "redis":
+        raise bad("the scheme must be redis://")
+    if parts.username or parts.password:
+        raise bad("credentials in the URL are not supported")
+    if not parts.hostname:
+        raise bad("no host")
+    if parts.query or parts.fragment:
+        raise bad("no query or fragment is understood")
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise bad(f"the database must be a number, not {db_text!r}")
+    return RedisURL(parts.hostname, 6379 if port is None else port, int(db_text))
+
+
+def _redis_url(_: Any, a: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"config {a.name!r} must be a string, not {value!r}")
+    parse_redis_url(value)
 
 
 def _as_origins(value: Any) -> Any:
@@ -222,6 +279,53 @@ class Config:
     access_log: bool = _option(
         False, _flag, "Log every request (default: not successful publishes).", "flag"
     )
+    redis: str | None = _option(
+        None,
+        _redis_url,
+        "Cluster: share one history with every server on this Redis (redis://HOST:PORT/DB).",
+    )
+    redis_prefix: str = _option(
+        "trainstream:",
+        _string(False),
+        "Cluster: prefix of its Redis keys (two clusters may share one Redis).",
+    )
+    redis_maxlen: int = _option(
+        1_000_000,
+        _positive(int),
+        "Cluster: events the Redis stream keeps at most (MAXLEN ~, approximate).",
+        kind=int,
+    )
+    redis_retention: float | None = _option(
+        None,
+        _positive(float, True),
+        "Cluster: seconds of events the Redis stream keeps (XTRIM MINID); default: no limit.",
+        kind=float,
+    )
+    logdir: str | None = _option(
+        None,
+        _string(True),
+        "Follow this TensorBoard logdir live: its runs, new event files and runs "
+        "(docs/follow.md; needs trainstream[follow] or tensorboard).",
+    )
+    lag_warn: float = _option(
+        0.5,
+        _positive(float),
+        "Seconds of reactor lag (how late scheduled calls run) past which health "
+        "is degraded and a warning is logged (docs/operations.md).",
+        kind=float,
+    )
+    port_fallback: int = _option(
+        0,
+        _count,
+        "When a configured tcp port is busy, try the next N ports (the URLs chosen are reported).",
+        kind=int,
+    )
+    config: str | None = _option(
+        None,
+        _string(True),
+        "Read every option from this TOML file (keys: these options, '_' for '-'); "
+        "SIGHUP or POST /api/config/reload reloads what can change live.",
+    )
 
     def __attrs_post_init__(self) -> None:
         # Whole numbers given for float fields are floats from here on.
@@ -328,6 +432,23 @@ class Config:
             if token in tokens:
                 raise ConfigError("a --read-token must differ from --token")
         return tuple(tokens)
+
+
+_FIXED_PORT = re.compile(r"^(?:tcp6?|ssl|tls):(?:port=)?(\d+)", re.IGNORECASE)
+
+
+def fallback_endpoints(description: str, fallback: int) -> list[str]:
+    """
+    ``description``, then, for a tcp/ssl endpoint on a fixed port, the same
+    endpoint on each of the next ``fallback`` ports (``--port-fallback``).
+    ``tcp:0`` (any free port) and other endpoints (``unix:``) have no fallback.
+    """
+    m = _FIXED_PORT.match(description)
+    if fallback <= 0 or m is None or int(m.group(1)) == 0:
+        return [description]
+    port = int(m.group(1))
+    head, tail = description[: m.start(1)], description[m.end(1) :]
+    return [f"{head}{p}{tail}" for p in range(port, min(port + fallback, 65535) + 1)]
 
 
 def cli_fields() -> list[attrs.Attribute[Any]]:

@@ -138,7 +138,8 @@ class StreamServerManager:
         server = self._server
         if server is not None and self._refcount > 0:
             if config is not None:
-                differences = server.config.differences(Config.from_value(config))
+                # As asked (not as a --config file or a reload made it).
+                differences = server.requested.differences(Config.from_value(config))
                 if differences:
                     raise ConfigConflictError(differences)
             if not server.listening:

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from trainstream.config import fallback_endpoints
 from trainstream.errors import ConfigError, ListenError, PortInUseError
 from trainstream.web.backend import ListenerStatus
 from trainstream.web.clients import Clients
@@ -391,6 +392,9 @@ class ListenerService(Service):
     closes it and its connections (see ``Listeners``).
     """
 
+    #: ``--port-fallback``: a busy port is followed by the next this many.
+    fallback = 0
+
     def __init__(
         self, role: str, description: str, site: Site, reactor: Any, close_timeout: float
     ) -> None:
@@ -403,11 +407,38 @@ class ListenerService(Service):
         self.bound: Listener | None = None
 
     def privilegedStartService(self) -> None:
-        where = f"--{self.role} {self.description!r}"
-        tls = _is_tls(self.description)
+        """Bind; a busy port is followed by the next ``fallback`` (``--port-fallback``)."""
+        candidates = fallback_endpoints(self.description, self.fallback)
+        tried: list[int | None] = []
+        for description in candidates:
+            try:
+                self.bound = self._bind(description)
+            except PortInUseError as e:
+                tried.append(e.port)
+                if len(candidates) == 1:
+                    raise
+                continue
+            if tried:
+                busy, port = ", ".join(map(str, tried)), self.bound.port_number
+                _log.warn("--{r}: port {b} busy; on {p}", r=self.role, b=busy, p=port)
+            break
+        else:
+            ports = ", ".join(str(p) for p in tried)
+            raise PortInUseError(
+                self.role,
+                self.description,
+                tried[0],
+                f"address already in use on every port tried: {ports} (--port-fallback "
+                f"{self.fallback})",
+            )
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def _bind(self, description: str) -> Listener:
+        where = f"--{self.role} {description!r}"
+        tls = _is_tls(description)
         hint = f"; a TLS listener is {_TLS_FORM}" if tls else ""
         try:
-            endpoint = serverFromString(self.reactor, endpoint_string(self.description))
+            endpoint = serverFromString(self.reactor, endpoint_string(description))
         except ImportError as e:  # ssl:/tls: without pyOpenSSL
             raise ConfigError(
                 f"{where} needs TLS support, which is not installed ({e}): "
@@ -417,7 +448,7 @@ class ListenerService(Service):
             name = e.filename if e.filename is not None else "a file"
             default = (
                 " (ssl: without privateKey= reads server.pem)"
-                if tls and "privatekey=" not in self.description.lower()
+                if tls and "privatekey=" not in description.lower()
                 else ""
             )
             raise ConfigError(
@@ -438,19 +469,18 @@ class ListenerService(Service):
         outcome: list[object] = []
         endpoint.listen(factory).addBoth(outcome.append)
         if not outcome:  # pragma: no cover - every endpoint we accept binds at once
-            raise ConfigError(f"--{self.role} {self.description!r} did not bind synchronously")
+            raise ConfigError(f"--{self.role} {description!r} did not bind synchronously")
         result = outcome[0]
         if isinstance(result, Failure):
             error = result.value
             if isinstance(error, CannotListenError | OSError):
-                raise _listen_error(self.role, self.description, error) from None
+                raise _listen_error(self.role, description, error) from None
             if isinstance(error, OverflowError):  # tcp:99999: bind() refuses the number
                 raise ConfigError(
-                    f"--{self.role} {self.description!r} is not a usable endpoint: {error}"
+                    f"--{self.role} {description!r} is not a usable endpoint: {error}"
                 ) from None
             result.raiseException()
-        self.bound = Listener(self.role, self.description, factory, result)  # type: ignore[arg-type]
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        return Listener(self.role, description, factory, result)  # type: ignore[arg-type]
 
     def status(self) -> ListenerStatus | None:
         bound = self.bound

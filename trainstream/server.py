@@ -10,6 +10,9 @@ order and stopped in the reverse one:
     runs        the runs registry: loads what the history holds, stall checks
     ranks       distributed ranks: aggregates and rank_behind alerts
     demo        a synthetic run (--demo)
+    follow      a TensorBoard logdir followed live (--logdir, trainstream.follow)
+    monitoring  reactor lag, listener accept checks, the server's own faults as
+                alerts on run trainstream/server (trainstream.faults, lag.py)
 
 Constructors do no I/O: nothing opens, binds or spawns until the service
 starts, so twistd and the embedded manager build and run the very same
@@ -24,7 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -32,8 +35,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from trainstream.config import Config, default_db_path
+from trainstream.configfile import Reloaded, effective, reload as reload_config_file
 from trainstream.errors import TrainstreamError
 from trainstream.events import EventError
+from trainstream.faults import Monitoring
 from trainstream.hub import Hub
 from trainstream.listeners import Listener, build_listeners
 from trainstream.ranks import RanksService
@@ -46,6 +51,9 @@ from trainstream.store.sqlite import SQLiteStore
 from trainstream.web.backend import ServerStatus
 from trainstream.web.clients import Clients
 from trainstream.web.site import build_site
+
+if TYPE_CHECKING:
+    from trainstream.cluster import ClusterEngine
 
 _log = Logger()
 
@@ -85,13 +93,24 @@ class StreamServer(MultiService):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        self.config = Config.from_value(config)
+        #: The config as given; ``config`` is it with its ``--config`` file under it.
+        self.requested = Config.from_value(config)
+        self.config = effective(self.requested)
+        #: Counts the successful reloads of the config file (``configfile.reload``).
+        self.config_version = 1
         self.reactor: Any = reactor
         #: How a thread other than the reactor's waits on a Deferred
         #: (``embedded.call_blocking``); set by the embedded manager.
         self.blocking: Callable[..., Any] | None = None
         self.store: Store = _make_store(self.config, reactor)
-        self.hub = Hub(self.store)
+        #: The cluster engine (``--redis``), or ``None`` for a server on its own.
+        self.cluster: ClusterEngine | None = None
+        if self.config.redis is None:
+            self.hub = Hub(self.store)
+        else:
+            from trainstream.cluster import build_cluster
+
+            self.hub, self.cluster = build_cluster(self.config, self.store, reactor)
         self.clients = Clients()
         self.inbox = Inbox(
             lambda f: self.reactor.callFromThread(f),
@@ -105,8 +124,18 @@ class StreamServer(MultiService):
         self._listeners = build_listeners(
             self.config.listeners(), self.site, self.clients, reactor, self.config.close_timeout
         )
+        for role in self._listeners.roles:
+            role.fallback = self.config.port_fallback  # --port-fallback N
         self._listeners.setName("listeners")  # type: ignore[no-untyped-call]
         HistoryService(self.store, self.hub).setServiceParent(self)  # type: ignore[no-untyped-call]
+        if self.cluster is not None:
+            # After the history (the feed continues from its last id), before
+            # the listeners; server-made events are the leader's alone.
+            self.cluster.setServiceParent(self)  # type: ignore[no-untyped-call]
+            self.runs.check_stalls = _leader_only(self.cluster, self.runs.check_stalls)  # type: ignore[method-assign]
+            from trainstream.cluster import delete_everywhere
+
+            self.runs.delete = delete_everywhere(self.cluster, self.runs, self.ranks)  # type: ignore[method-assign,assignment]
         if isinstance(self.store, SQLiteStore) and (
             self.config.retain_days or self.config.max_db_mb
         ):
@@ -121,6 +150,16 @@ class StreamServer(MultiService):
             from trainstream.demo import DemoService
 
             DemoService(self.hub, reactor).setServiceParent(self)  # type: ignore[no-untyped-call]
+        if self.config.logdir:
+            from trainstream.follow.service import FollowService
+
+            follow = FollowService(self.config.logdir, self.hub, reactor)
+            follow.setServiceParent(self)  # type: ignore[no-untyped-call]
+        # Reactor lag, listener checks, the server's own faults (docs/operations.md).
+        self.monitoring = Monitoring(
+            self.hub, reactor, self.config.lag_warn, lambda: self._listeners.bound
+        )
+        self.monitoring.setServiceParent(self)  # type: ignore[no-untyped-call]
         self._started_at = time.monotonic()
         self._stop_waiters: list[Deferred[None]] = []
         self._start_error: BaseException | None = None
@@ -201,7 +240,7 @@ class StreamServer(MultiService):
         # and acks go out, before any connection is closed (bounded: a
         # history that cannot commit is closed by its own service below).
         try:
-            await self.store.sync().addTimeout(_STOP_COMMIT_WAIT, self.reactor)
+            await self.hub.sync().addTimeout(_STOP_COMMIT_WAIT, self.reactor)
         except Exception as e:
             _log.warn("stopping before every event was stored: {e}", e=e)
         Service.stopService(self)  # type: ignore[no-untyped-call]
@@ -264,7 +303,18 @@ class StreamServer(MultiService):
             listeners=tuple(
                 s for s in (li.status() for li in self._listeners.roles) if s is not None
             ),
+            problems=(
+                *(self.cluster.problems() if self.cluster is not None else ()),
+                *self.monitoring.problems(),
+            ),
+            lag=self.monitoring.lag.status(),
+            config_version=self.config_version,
+            cluster=self.cluster.describe() if self.cluster is not None else None,
         )
+
+    def reload_config(self) -> Reloaded:
+        """Read the ``--config`` file again; apply what can change live (``configfile``)."""
+        return reload_config_file(self)
 
     def _write_ports_file(self, path: str) -> None:
         """Write ``urls`` as JSON atomically: a reader sees all of it or nothing."""
@@ -291,7 +341,7 @@ class StreamServer(MultiService):
     def flush_deferred(self) -> Deferred[None]:
         """Reactor thread: publish everything queued so far, and store it."""
         self.inbox.drain()
-        return self.store.sync()
+        return self.hub.sync()
 
     def _accept_logged(self, events: list[dict[str, object]]) -> None:
         """
@@ -307,6 +357,16 @@ class StreamServer(MultiService):
                     self.hub.accept([event])
                 except EventError as e:
                     _log.error("run.log event dropped: {error}", error=e)
+
+
+def _leader_only(cluster: ClusterEngine, check: Callable[[], None]) -> Callable[[], None]:
+    """``check`` run only while this server leads the cluster, caught up with it."""
+
+    def checked() -> None:
+        if cluster.leader and cluster.live:
+            check()
+
+    return checked
 
 
 def _make_store(config: Config, reactor: Any) -> Store:

@@ -83,10 +83,15 @@ class Options(usage.Options):
         self["read_token_file"].append(path)
 
     def postOptions(self) -> None:
+        from trainstream.configfile import effective
+
         try:
             self.config = config_from_options(self)
-            self.config.resolve_token()
-            self.config.resolve_read_tokens()
+            # --config FILE: checked now (one line, no traceback); the
+            # server reads it again, under the options given here.
+            checked = effective(self.config)
+            checked.resolve_token()
+            checked.resolve_read_tokens()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -118,4 +123,8 @@ def makeService(options: Options) -> IService:
     crochet.no_setup()  # twistd owns the reactor: crochet must not start another
     server = makeServerService(options.config, reactor)
     get_stream_server_manager().adopt(server)
+    if server.config.config is not None:
+        from trainstream.configfile import install_sighup
+
+        install_sighup(server, reactor)  # where the system has SIGHUP (not Windows)
     return server

@@ -17,6 +17,7 @@ from attrs import Factory, frozen
 
 if TYPE_CHECKING:
     from trainstream.hub import Hub
+    from trainstream.lag import LagStatus
     from trainstream.ranks import RanksService
     from trainstream.runs import RunsService
     from trainstream.web.clients import Clients
@@ -56,6 +57,12 @@ class ServerStatus:
     urls: Mapping[str, str]
     listeners: tuple[ListenerStatus, ...] = ()
     problems: tuple[str, ...] = Factory(tuple)
+    #: The reactor lag (``trainstream.lag``), if measured.
+    lag: LagStatus | None = None
+    #: Changes with each successful config reload (``trainstream.configfile``).
+    config_version: int = 1
+    #: A cluster member's view of its cluster (``ClusterEngine.describe``), else ``None``.
+    cluster: Mapping[str, object] | None = None
 
     @property
     def ports(self) -> frozenset[int]:

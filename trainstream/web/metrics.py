@@ -14,7 +14,12 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -114,6 +119,29 @@ class ServerCollector(Collector):
             "Seconds since the listeners were last bound",
             value=status.uptime_s,
         )
+        yield GaugeMetricFamily(
+            "trainstream_config_version",
+            "Counts the config file's successful reloads (1 at start)",
+            value=status.config_version,
+        )
+        lag = status.lag
+        if lag is not None:
+            yield HistogramMetricFamily(
+                "trainstream_reactor_lag_seconds",
+                "How late the reactor ran a call scheduled every 0.25 s (event-loop lag)",
+                buckets=[(repr(b), n) for b, n in lag.buckets] + [("+Inf", lag.count)],
+                sum_value=lag.sum_s,
+            )
+            yield GaugeMetricFamily(
+                "trainstream_reactor_lag_max_seconds",
+                f"The largest reactor lag of the last {lag.window_s:g} s",
+                value=lag.max_s,
+            )
+            yield GaugeMetricFamily(
+                "trainstream_reactor_lag_warn_seconds",
+                "Reactor lag past which /api/health is degraded (--lag-warn)",
+                value=lag.warn_s,
+            )
 
 
 class MetricsResource(Resource):

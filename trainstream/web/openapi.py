@@ -214,6 +214,21 @@ def _paths() -> dict[str, Any]:
                 ),
             }
         },
+        "/api/config/reload": {
+            "post": {
+                "operationId": "reloadConfig",
+                "summary": "Read the --config file again, as SIGHUP does (write token)",
+                "description": "Applies what can change live, without dropping a client; "
+                "a file that fails to load is refused (400), the running config kept.",
+                "responses": _answers(
+                    {
+                        "200": _json_body(_ref("ConfigReloaded"), "reloaded"),
+                        "400": _error("the file was refused: its name, the key, the problem"),
+                        "404": _error("this server was started without --config"),
+                    }
+                ),
+            }
+        },
         "/api/events": {
             "post": {
                 "operationId": "publishEvents",

@@ -20,6 +20,8 @@ from trainstream.events import (
     NON_FINITE,
     STATES,
 )
+from trainstream.events.rules import MEDIA_TYPES
+from trainstream.web.openapi_media import media_variants, stored_numbers
 
 
 def ref(name: str) -> dict[str, str]:
@@ -113,6 +115,7 @@ def _event_variants() -> list[dict[str, Any]]:
             },
             {"name": ref("MetricName")},
         ),
+        *media_variants(_event_variant, _number, int64, ref),
     ]
 
 
@@ -132,6 +135,8 @@ def _stored_variant(variant: dict[str, Any]) -> dict[str, Any]:
     stored["properties"]["time"] = {"type": "number", "minimum": 0}
     if "value" in stored["properties"]:
         stored["properties"]["value"] = ref("StoredValue")
+    if stored["properties"]["type"]["const"] in MEDIA_TYPES:
+        stored["properties"] = stored_numbers(stored["properties"])
     stored["required"] = ["id", *stored["required"], "time"]
     stored["properties"]["id"] = int64(1)
     if stored["properties"]["type"]["const"] == "status":
@@ -222,6 +227,16 @@ def schemas() -> dict[str, Any]:
                 "uptime_s": {"type": "number"},
                 "last_id": {"type": "integer"},
                 "epoch": {"type": "string", "description": "changes when the history is new"},
+                "config_version": {
+                    "type": "integer",
+                    "description": "1 at start; grows with each reload of the --config file",
+                },
+                "reactor_lag_ms": {
+                    "type": "number",
+                    "description": "the largest reactor lag of the last 10 s (how late "
+                    "scheduled calls ran); past reactor_lag_warn_ms the server is degraded",
+                },
+                "reactor_lag_warn_ms": {"type": "number", "description": "--lag-warn, in ms"},
                 "listeners": {
                     "type": "object",
                     "additionalProperties": {
@@ -238,6 +253,21 @@ def schemas() -> dict[str, Any]:
                     "type": "object",
                     "properties": {"sse": {"type": "integer"}, "ws": {"type": "integer"}},
                 },
+            },
+        },
+        "ConfigReloaded": {
+            "type": "object",
+            "required": ["reloaded", "config_version", "changed"],
+            "properties": {
+                "reloaded": {"type": "boolean"},
+                "config_version": {"type": "integer", "description": "health's, from now on"},
+                "changed": {"type": "array", "items": {"type": "string"}},
+                "not_applied": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "changed keys that cannot change live: kept until a restart",
+                },
+                "message": {"type": "string"},
             },
         },
         "Accepted": {
@@ -313,6 +343,32 @@ def schemas() -> dict[str, Any]:
                     "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
                 },
                 "metrics": {"type": "object", "additionalProperties": ref("MetricSummary")},
+                "images": {"type": "object", "additionalProperties": ref("MediaIndex")},
+                "histograms": {"type": "object", "additionalProperties": ref("MediaIndex")},
+                "pr_curves": {"type": "object", "additionalProperties": ref("MediaIndex")},
+                "layout": {
+                    "type": ["object", "null"],
+                    "description": "the latest layout event's layout (custom scalars)",
+                },
+            },
+        },
+        "MediaIndex": {
+            "type": "object",
+            "required": ["count", "last_step", "steps"],
+            "description": "one media series: fetch an event by id with GET /api/events",
+            "properties": {
+                "count": {"type": "integer"},
+                "last_step": {"type": ["integer", "null"]},
+                "steps": {
+                    "type": "array",
+                    "description": "[step, event id] of the latest 1000, in step order",
+                    "items": {
+                        "type": "array",
+                        "prefixItems": [{"type": "integer"}, {"type": "integer"}],
+                        "minItems": 2,
+                        "maxItems": 2,
+                    },
+                },
             },
         },
         "MetricSeries": {

@@ -189,18 +189,38 @@ class RestApi:
             "version": __version__,
             "uptime_s": round(status.uptime_s, 3),
             "last_id": hub.last_id,
-            "epoch": hub.store.epoch,
+            "epoch": hub.epoch,
             "listeners": {li.role: li.to_json() for li in status.listeners},
             "clients": backend.clients.counts(),
             "store": {
                 "writer_restarts": store.writer_restarts,
                 "events_lost": store.events_lost,
             },
+            "config_version": status.config_version,
         }
+        if status.lag is not None:
+            # The largest lag of the last seconds (trainstream.lag), and its threshold.
+            answer["reactor_lag_ms"] = round(status.lag.max_s * 1000, 3)
+            answer["reactor_lag_warn_ms"] = round(status.lag.warn_s * 1000, 3)
+        if status.cluster is not None:
+            answer["cluster"] = dict(status.cluster)  # docs/cluster.md
         if problems:
             answer["reason"] = problems[0]
             answer["reasons"] = problems
         return json_response(request, answer, 503 if problems else 200)
+
+    @app.route("/config/reload", methods=["POST"])
+    def reload_config(self, request: Request) -> bytes:
+        """
+        Read the ``--config`` file again (as SIGHUP does): 200 with what
+        changed, or 400 with why the file was refused (the old config is
+        kept). Needs the write token (``web.access``: a read token gets 403).
+        """
+        reload = getattr(self.backend, "reload_config", None)
+        if reload is None:
+            return error_response(request, 404, "this server has no config file to reload")
+        done = reload()
+        return json_response(request, done.to_json(), 200 if done.ok else 400)
 
     @app.route("/events", methods=["POST"])
     def post_events(self, request: Request) -> bytes | Deferred[bytes]:
@@ -213,16 +233,18 @@ class RestApi:
                 ctype.decode("latin-1") if ctype is not None else None,
                 hub.limits,
             )
-            accepted, first_id, last_id = hub.accept(items)
+            published = hub.publish(items)
         except BodyTooLarge as e:
             return json_response(request, e.to_json(), 413)
         except UnsupportedMediaType as e:
             return json_response(request, e.to_json(), 415)
         except EventError as e:
             return json_response(request, e.to_json(), 400)
-        answer = {"accepted": accepted, "first_id": first_id, "last_id": last_id}
-        # 200 means stored: answer once the history has committed the batch.
-        d = hub.store.sync().addCallback(lambda _: json_response(request, answer))
+        # 200 means stored: answer once the history has committed the batch
+        # (in a cluster: once Redis holds it, see docs/cluster.md).
+        d = published.addCallback(
+            lambda a: json_response(request, {"accepted": a[0], "first_id": a[1], "last_id": a[2]})
+        )
         return d.addErrback(lambda f: store_failed(request, f))
 
     @app.route("/events", methods=["GET"])

@@ -31,6 +31,7 @@ from trainstream.web.access import ErrorPage
 #: Our own static files and their content types.
 OWN_FILES = {
     "app.js": b"text/javascript; charset=utf-8",
+    "logs.js": b"text/javascript; charset=utf-8",
     "app.css": b"text/css; charset=utf-8",
     "favicon.svg": b"image/svg+xml",
 }
