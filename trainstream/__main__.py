@@ -2,7 +2,9 @@
 ``python -m trainstream watch URL`` and ``python -m trainstream tail URL``:
 terminal clients of a running server (see :mod:`trainstream.cli`);
 ``python -m trainstream check PATH`` and ``repair PATH``: a history file
-that may be damaged (see :mod:`trainstream.store.check`, ``repair``).
+that may be damaged (see :mod:`trainstream.store.check`, ``repair``);
+``python -m trainstream follow LOGDIR``: a TensorBoard logdir published live
+(see :mod:`trainstream.follow`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
     return value
 
 
@@ -136,7 +145,48 @@ def build_parser() -> argparse.ArgumentParser:
         "PATH.damaged-<UTC time>. Refused while a server holds the file.",
     )
     repair.add_argument("path", metavar="PATH", help="the history file (--db)")
+    add_follow(commands)
     return parser
+
+
+def add_follow(commands: Any) -> None:
+    """``follow LOGDIR``: publish a TensorBoard logdir to a server, live."""
+    follow = commands.add_parser(
+        "follow",
+        help="publish a TensorBoard logdir to a running server, live",
+        description="Load every run of a TensorBoard logdir (each directory with event "
+        "files is a run, named by its path: exp1/train), then follow it: new points, "
+        "event files and runs reach the server within a second of being flushed. A "
+        "restart goes on where it stopped, with no point twice. Needs TensorBoard's "
+        "or tensorboardX's protos: pip install 'trainstream[follow]'.",
+    )
+    follow.add_argument("logdir", metavar="LOGDIR", help="the TensorBoard logdir")
+    follow.add_argument(
+        "--url",
+        default=os.environ.get("TRAINSTREAM_URL") or "http://127.0.0.1:8890",
+        help="the server (default: $TRAINSTREAM_URL, else http://127.0.0.1:8890)",
+    )
+    follow.add_argument(
+        "--token",
+        default=os.environ.get("TRAINSTREAM_TOKEN") or None,
+        help="bearer token (default: $TRAINSTREAM_TOKEN)",
+    )
+    follow.add_argument(
+        "--state",
+        metavar="FILE",
+        help="where to remember how far it got (default: a file in the user's data "
+        "directory, one per logdir and server history)",
+    )
+    follow.add_argument(
+        "--interval",
+        type=_seconds,
+        default=0.25,
+        metavar="S",
+        help="seconds between looks at the files (default 0.25)",
+    )
+    follow.add_argument(
+        "--once", action="store_true", help="publish what the files hold now, then exit"
+    )
 
 
 def history_file(command: str, path: str) -> int:
@@ -167,6 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("check", "repair"):
         return history_file(args.command, args.path)
+    if args.command == "follow":
+        from trainstream.cli.follow import FollowOptions, run_follow
+
+        options = FollowOptions(
+            args.logdir, args.url, args.token, args.state, args.interval, args.once
+        )
+        return run_follow(options, sys.stderr)
     from trainstream.client.http import ClientError
 
     server: dict[str, Any] = {
