@@ -140,3 +140,91 @@ def old_publisher(*args: Any, **kw: Any) -> Any:
 
     kw.setdefault("linger", OLD_LINGER)
     return OldPublisher(*args, **kw)
+
+
+def plugin_on_path() -> None:
+    """
+    Put the repository on ``PYTHONPATH`` (for the children) unless it is:
+    ``twistd`` finds the ``trainstream`` command in its ``twisted/plugins``.
+    """
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not any(Path(p).resolve() == REPO_ROOT for p in paths):
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+
+
+# A redis-server of our own, for the cluster benches.
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bound to 0, then closed)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """
+    ``redis-server`` on a free loopback port (no RDB; ``appendonly`` as
+    asked, in a temporary folder), ready once it answers PING; ``stop()``
+    sends SIGTERM to its pid and waits (SIGKILL after ``seconds``).
+    """
+
+    def __init__(self, appendonly: str = "no", extra: Sequence[str] = (), port: int = 0) -> None:
+        import tempfile
+        import time
+
+        if not Path(REDIS_SERVER).exists():
+            raise SystemExit(f"{REDIS_SERVER} is missing: apt-get install -y redis-server")
+        self.scratch = Path(tempfile.mkdtemp(prefix="trainstream-redis-"))
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.command = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", appendonly,
+            "--dir", str(self.scratch),
+            *extra,
+        ]  # fmt: skip
+        self.log_path = self.scratch / "redis.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log_path.read_text(errors="replace")[-1500:]
+                raise SystemExit(f"redis-server did not start on port {self.port}:\n{tail}")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ping(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, seconds: float = 10.0) -> int:
+        """SIGTERM (redis-server then writes its AOF and exits), wait; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return wait_or_kill(self.proc, seconds)

@@ -89,7 +89,9 @@ class ServerProcess:
         profile: bool = False,
         store: Sequence[str] = ("--memory",),
         prefix: str = "trainstream-bench-",
+        roles: Sequence[str] = ("--sse", "--ws", "--rest"),
     ) -> None:
+        """:param roles: listener options, each given ``LISTEN`` (``("--listen",)``: one port)."""
         self.scratch = Path(tempfile.mkdtemp(prefix=prefix))
         self.log_path = self.scratch / "twistd.log"
         self.profile_path = self.scratch / "server.pstats" if profile else None
@@ -98,7 +100,7 @@ class ServerProcess:
         if self.profile_path is not None:
             command += [f"--profile={self.profile_path}", "--profiler=cprofile", "--savestats"]
         command += ["trainstream", *(a.format(scratch=self.scratch) for a in store)]
-        for option in ("--sse", "--ws", "--rest"):
+        for option in roles:
             command += [option, LISTEN]
         command += ["--ports-file", str(ports_file), *extra]
         self.command = command
@@ -163,6 +165,32 @@ class ServerProcess:
                 self.proc.wait(STOP_DEADLINE_S)
         shutil.rmtree(self.scratch / "pycache", ignore_errors=True)  # keep only the log
         return self.proc.returncode
+
+
+def wait_healthy(server: ServerProcess, limit: float = START_DEADLINE_S) -> dict[str, Any]:
+    """
+    Poll the server's ``GET /api/health`` until it answers 200 (a cluster
+    server listens before it has reached Redis); its body. Raises
+    ``SystemExit`` with the last answer after ``limit`` seconds.
+    """
+    import urllib.error
+    import urllib.request
+
+    host, port, _ = server.address("rest")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + limit
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(f"http://{host}:{port}/api/health", timeout=2) as response:
+                body: dict[str, Any] = json.loads(response.read())
+                return body
+        except urllib.error.HTTPError as e:
+            last = f"{e.code} {e.read()[:300]!r}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.02)
+    raise SystemExit(f"server {server.pid} not healthy after {limit:.0f} s: {last}")
 
 
 # What clients receive
