@@ -17,6 +17,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.internet import reactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -182,6 +183,12 @@ class ReloadTests(SynchronousTestCase):
         self.assertIn("not valid TOML", body["error"])
         self.assertEqual(self.request("GET", "/api/health")[1]["config_version"], 2)
         self.flushLoggedErrors()
+
+    def test_rest_reload_without_a_file_is_404(self) -> None:
+        self.server.config = attrs.evolve(self.server.config, config=None)
+        code, body = self.request("POST", "/api/config/reload", "one")
+        self.assertEqual(code, 404, body)
+        self.assertIn("--config", body["error"])
 
 
 def get(url: str, token: str | None, method: str = "GET") -> tuple[int, Any]:

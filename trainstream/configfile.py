@@ -133,6 +133,8 @@ class Reloaded:
     changed: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
     version: int = 0
+    #: refused because the server was started without ``--config``
+    no_file: bool = False
 
     def to_json(self) -> dict[str, object]:
         if not self.ok:
@@ -157,7 +159,7 @@ def reload(server: Any) -> Reloaded:
     if path is None:
         message = "no config file to reload: start the server with --config FILE"
         _log.warn("config reload refused: {message}", message=message)
-        return Reloaded(False, message)
+        return Reloaded(False, message, no_file=True)
     try:
         new = effective(attrs.evolve(server.requested, config=path))
     except ConfigError as e:

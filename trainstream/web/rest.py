@@ -220,7 +220,8 @@ class RestApi:
         if reload is None:
             return error_response(request, 404, "this server has no config file to reload")
         done = reload()
-        return json_response(request, done.to_json(), 200 if done.ok else 400)
+        code = 200 if done.ok else 404 if done.no_file else 400
+        return json_response(request, done.to_json(), code)
 
     @app.route("/events", methods=["POST"])
     def post_events(self, request: Request) -> bytes | Deferred[bytes]:
