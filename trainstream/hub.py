@@ -278,6 +278,10 @@ class Hub:
             self._follow.extend(observer(records) or ())
         self._accept_follow()
 
+    #: What ``subscribe`` makes (the cluster's hub makes subscriptions that
+    #: wait for its feed before a resume past its newest id).
+    subscription_class: type[Subscription] = Subscription
+
     def subscribe(
         self,
         sink: Sink,
@@ -290,7 +294,7 @@ class Hub:
         Add a client. Nothing is sent until the caller, holding the
         subscription (so its producer can pause it), calls ``start(after)``.
         """
-        subscription = Subscription(self, sink, flt, limit_bytes, clock, min_interval)
+        subscription = self.subscription_class(self, sink, flt, limit_bytes, clock, min_interval)
         self._by_filter.setdefault(flt, {})[subscription] = None
         self._count += 1
         return subscription

@@ -16,14 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 
 from trainstream.cluster.engine import ClusterEngine, Spec
 from trainstream.events import Limits, validate_events
 from trainstream.hub import DEFAULT_LIMITS, Hub, rewind_status
 from trainstream.store import Store
-from trainstream.store.filter import Filter
-from trainstream.subscription import DEFAULT_CLIENT_BUFFER, Sink, Subscription
+from trainstream.subscription import Subscription
 
 #: Seconds a resume from an id this server has not reached yet waits for its
 #: feed (the id may be the cluster's, just not delivered here yet).
@@ -112,19 +110,6 @@ class ClusterHub(Hub):
     def sync(self) -> Deferred[None]:
         return self.engine.sync()
 
-    def subscribe(
-        self,
-        sink: Sink,
-        flt: Filter,
-        limit_bytes: int = DEFAULT_CLIENT_BUFFER,
-        clock: IReactorTime | None = None,
-        min_interval: float = 0.0,
-    ) -> Subscription:
-        subscription = ClusterSubscription(self, sink, flt, limit_bytes, clock, min_interval)
-        self._by_filter.setdefault(flt, {})[subscription] = None
-        self._count += 1
-        return subscription
-
 
 class ClusterSubscription(Subscription):
     """
@@ -162,3 +147,6 @@ class ClusterSubscription(Subscription):
 
 
 __all__ = ["RESUME_WAIT", "ClusterHub", "ClusterSubscription"]
+
+
+ClusterHub.subscription_class = ClusterSubscription
