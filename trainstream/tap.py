@@ -117,11 +117,13 @@ def makeService(options: Options) -> IService:
     import crochet
     from twisted.internet import reactor
 
+    from trainstream import gcpolicy
     from trainstream.embedded import get_stream_server_manager
     from trainstream.server import makeService as makeServerService
 
     crochet.no_setup()  # twistd owns the reactor: crochet must not start another
     server = makeServerService(options.config, reactor)
+    gcpolicy.tune()  # this process serves and does nothing else
     get_stream_server_manager().adopt(server)
     if server.config.config is not None:
         from trainstream.configfile import install_sighup

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from trainstream import gcpolicy
 from trainstream.store import rollup
 
 INSERT = (
@@ -212,6 +213,7 @@ class Checkpointer:
 
 def main(path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gcpolicy.tune()
     db = connect(path)
     db.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's job
     checkpointer = Checkpointer(path)
