@@ -62,8 +62,7 @@ def main() -> None:
         train(run, args.steps)
         run.flush()
         if args.keep_serving:
-            print(f"serving {server.urls['dashboard']} until Ctrl-C", flush=True)
-            trainstream.keep_serving()
+            trainstream.keep_serving(f"serving {server.urls['dashboard']} until Ctrl-C")
         else:
             print(trainstream.revisit_hint(server.config), flush=True)
 

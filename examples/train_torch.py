@@ -85,8 +85,7 @@ def main() -> None:
     # leaving the block marked the run finished and flushed it
     if server is not None:
         if args.keep_serving:
-            print(f"serving {server.urls['dashboard']} until Ctrl-C", flush=True)
-            trainstream.keep_serving()
+            trainstream.keep_serving(f"serving {server.urls['dashboard']} until Ctrl-C")
         else:
             print(trainstream.revisit_hint(server.config), flush=True)
         trainstream.release_stream_server()

@@ -117,6 +117,24 @@ class KeepServingTests(TestCase):
 
     timeout = 120
 
+    def test_ctrl_c_while_the_banner_is_written_ends_quietly(self) -> None:
+        """
+        The banner is printed once Ctrl-C is caught: a Ctrl-C that lands while
+        it is being written (as a fast user's or a test's can) is no traceback.
+        """
+        import io
+
+        from trainstream import embedded
+
+        class InterruptedStdout(io.StringIO):
+            def write(self, text: str) -> int:
+                raise KeyboardInterrupt
+
+        self.patch(embedded.threadable, "isInIOThread", lambda: False)  # trial's own thread
+        self.patch(embedded._manager, "is_server_running", lambda: True)
+        self.patch(sys, "stdout", InterruptedStdout())
+        embedded.keep_serving("serving http://127.0.0.1:1/ until Ctrl-C")  # returns
+
     def test_plain_loop_keeps_serving_until_ctrl_c(self) -> None:
         import json
         import select

@@ -259,12 +259,15 @@ def release_stream_server() -> None:
     _manager.put()
 
 
-def keep_serving() -> None:
+def keep_serving(message: str | None = None) -> None:
     """
     Block the calling thread while the process-wide server serves, until
     Ctrl-C (or, in the main thread, SIGTERM); then return normally, so the
     caller releases the server as usual. For scripts whose dashboard should
     outlive their training loop.
+
+    :param message: printed (and flushed) to stdout once Ctrl-C is caught,
+        so a Ctrl-C the moment it appears still ends quietly.
 
     :raises ReactorThreadError: from the reactor thread, where it would deadlock.
     :raises TrainstreamError: when no server is running.
@@ -282,6 +285,8 @@ def keep_serving() -> None:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, interrupt) if main else None
     try:
+        if message is not None:
+            print(message, flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
