@@ -314,3 +314,39 @@ class IdleImportsTests(SynchronousTestCase):
         """
         idle = child_modules(self, block="OpenSSL")["idle"]
         self.assertEqual(loaded(idle, "OpenSSL", "cryptography", "service_identity"), [])
+
+
+#: twistd's service made as twistd makes it, then what an embedded call in
+#: that process does before the reactor runs; prints the modules and threads.
+TWISTD_SERVICE_CHILD = """
+import json, sys, threading
+from trainstream.tap import Options, makeService
+options = Options()
+options.parseOptions(["--memory"])
+makeService(options)
+made = sorted(sys.modules)
+from trainstream.embedded import ensure_reactor_thread
+ensure_reactor_thread()
+print(json.dumps({"made": made, "threads": threading.active_count()}))
+"""
+
+
+class TwistdImportsTests(SynchronousTestCase):
+    def test_twistd_service_needs_no_crochet(self) -> None:
+        """
+        twistd owns the reactor, so its service imports no crochet (nor its
+        wrapt), and an embedded call in that process, even one made before
+        the reactor runs, starts no reactor thread of its own.
+        """
+        done = subprocess.run(
+            [sys.executable, "-c", TWISTD_SERVICE_CHILD],
+            cwd=tempfile.gettempdir(),
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual(loaded(set(report["made"]), "crochet", "wrapt"), [])
+        self.assertEqual(report["threads"], 1)

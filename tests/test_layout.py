@@ -116,4 +116,4 @@ class LayoutTests(SynchronousTestCase):
                 for word in ("import crochet", "blockingCallFromThread")
             )
         }
-        self.assertEqual(bridges, {"trainstream/embedded.py", "trainstream/tap.py"})
+        self.assertEqual(bridges, {"trainstream/embedded.py"})

@@ -30,6 +30,9 @@ T = TypeVar("T")
 ConfigLike = Config | Mapping[str, Any] | None
 
 _setup_lock = threading.Lock()
+#: set by ``StreamServerManager.adopt``: the reactor is twistd's (running, or
+#: about to run), so crochet must never start one (imported only when asked)
+_hosted = False
 
 
 def ensure_reactor_thread() -> None:
@@ -41,7 +44,7 @@ def ensure_reactor_thread() -> None:
     from twisted.internet import reactor
 
     with _setup_lock:
-        if getattr(reactor, "running", False):
+        if _hosted or getattr(reactor, "running", False):
             try:
                 crochet.no_setup()
             except RuntimeError:
@@ -127,6 +130,8 @@ class StreamServerManager:
         Under twistd: make the server twistd runs the process-wide one, held
         once by twistd itself, so embedded code in that process shares it.
         """
+        global _hosted
+        _hosted = True
         server.blocking = call_blocking
         self._server = server
         self._refcount = 1

@@ -114,14 +114,14 @@ def makeService(options: Options) -> IService:
     process through the manager. Nothing starts here: the store opens and
     the ports bind when twistd starts the service, after it daemonized.
     """
-    import crochet
     from twisted.internet import reactor
 
     from trainstream import gcpolicy
     from trainstream.embedded import get_stream_server_manager
     from trainstream.server import makeService as makeServerService
 
-    crochet.no_setup()  # twistd owns the reactor: crochet must not start another
+    # twistd owns the reactor: embedded calls in this process find it running
+    # (ensure_reactor_thread), so crochet is neither imported nor started here.
     server = makeServerService(options.config, reactor)
     gcpolicy.tune()  # this process serves and does nothing else
     get_stream_server_manager().adopt(server)
