@@ -262,6 +262,20 @@ def child_modules(testcase: SynchronousTestCase, block: str = "") -> dict[str, s
     return {k: set(v) for k, v in report.items()}
 
 
+def run_child(testcase: SynchronousTestCase, code: str) -> str:
+    """Run ``python -c code`` from the tree in a fresh interpreter; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+    testcase.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    return done.stdout
+
+
 def loaded(modules: set[str], *prefixes: str) -> list[str]:
     return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
 
@@ -276,22 +290,13 @@ class IdleImportsTests(SynchronousTestCase):
 
     def test_terminal_commands_import_rich_only_to_draw(self) -> None:
         """The CLI's modules load rich only when ``watch`` draws (inside its functions)."""
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import sys, trainstream.__main__, trainstream.cli.watch, "
-                "trainstream.cli.render, trainstream.cli.tail; "
-                "print([m for m in sys.modules if m.split('.')[0] == 'rich'])",
-            ],
-            cwd=tempfile.gettempdir(),
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
+        out = run_child(
+            self,
+            "import sys, trainstream.__main__, trainstream.cli.watch, "
+            "trainstream.cli.render, trainstream.cli.tail; "
+            "print([m for m in sys.modules if m.split('.')[0] == 'rich'])",
         )
-        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
-        self.assertEqual(done.stdout.strip(), "[]")
+        self.assertEqual(out.strip(), "[]")
 
     def test_idle_server_loads_no_websocket_code(self) -> None:
         """
@@ -338,15 +343,6 @@ class TwistdImportsTests(SynchronousTestCase):
         wrapt), and an embedded call in that process, even one made before
         the reactor runs, starts no reactor thread of its own.
         """
-        done = subprocess.run(
-            [sys.executable, "-c", TWISTD_SERVICE_CHILD],
-            cwd=tempfile.gettempdir(),
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-        )
-        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
-        report = json.loads(done.stdout.strip().splitlines()[-1])
+        report = json.loads(run_child(self, TWISTD_SERVICE_CHILD).strip().splitlines()[-1])
         self.assertEqual(loaded(set(report["made"]), "crochet", "wrapt"), [])
         self.assertEqual(report["threads"], 1)
