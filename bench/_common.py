@@ -147,9 +147,12 @@ def plugin_on_path() -> None:
     Put the repository on ``PYTHONPATH`` (for the children) unless it is:
     ``twistd`` finds the ``trainstream`` command in its ``twisted/plugins``.
     """
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    # Absolute, so a relative entry (``PYTHONPATH=.``) names the same folder
+    # for children that run in a folder of their own.
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if not any(Path(p).resolve() == REPO_ROOT for p in paths):
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
+        paths.insert(0, str(REPO_ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 # A redis-server of our own, for the cluster benches.

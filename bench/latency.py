@@ -68,6 +68,7 @@ from _common import (
     machine_lines,
     old_publisher,
     percentile,
+    plugin_on_path,
     summary_line,
     use_old_inbox,
     use_tree,
@@ -582,18 +583,6 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def absolute_pythonpath() -> None:
-    """
-    The servers run in their own folder: a relative ``PYTHONPATH`` entry
-    (``PYTHONPATH=.``, how the twistd plugin of this checkout is found) is
-    made absolute, so it names the same folder for them.
-    """
-    path = os.environ.get("PYTHONPATH")
-    if path:
-        entries = [os.path.abspath(p) for p in path.split(os.pathsep) if p]
-        os.environ["PYTHONPATH"] = os.pathsep.join(entries)
-
-
 def run_overhead(args: argparse.Namespace) -> int:
     """``bench/overhead.py`` with the batching modes, new and old, in this invocation."""
     modes = ["none"]
@@ -664,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, quick if args.quick else full)
     if args.bursts is None:
         args.bursts = 30 if args.quick else 150
-    absolute_pythonpath()
+    plugin_on_path()
     _stream.START_DEADLINE_S = max(_stream.START_DEADLINE_S, START_DEADLINE_S)
     print("latency: training-side publish -> SSE / WebSocket watcher, per path")
     for line in machine_lines():

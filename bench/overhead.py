@@ -43,6 +43,7 @@ from _common import (
     machine_lines,
     old_publisher,
     percentile,
+    plugin_on_path,
     source_lines,
     use_old_inbox,
     use_tree,
@@ -177,6 +178,7 @@ def main() -> None:
         f"also {', '.join(OLD_MODES)})",
     )
     args = parser.parse_args()
+    plugin_on_path()  # the remote modes' twistd finds the plugin of this tree
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES + OLD_MODES]
     if unknown:

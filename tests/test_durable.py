@@ -261,6 +261,7 @@ class OrphanWriterTests(SynchronousTestCase):
         os.kill(writer_pid, signal.SIGSTOP)
         self.addCleanup(lambda: os.kill(writer_pid, signal.SIGKILL) if _alive(writer_pid) else None)
         done: dict[str, Any] = {}
+
         def publish() -> None:
             try:
                 done["answer"] = call("POST", server.rest + "/events", big())

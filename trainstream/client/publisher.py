@@ -70,11 +70,15 @@ class Publisher(RunAPI):
         event at most about ``linger`` plus a POST late (``flush``, a close
         and a full batch do not wait for it).
     :param busy_rate: above this many events/s (measured over each batch),
-        the wait grows in proportion, up to ``max_linger``: each POST costs
-        the training process and the server about the same whatever it
-        holds, so a loop logging 5,000 events/s sends 40 POSTs/s, not 100,
-        each event then at most ``linger * rate / busy_rate`` late. At or
-        below it (1,000/s: 10 ms) the wait is ``linger``.
+        the wait grows with the square of the rate, up to ``max_linger``:
+        each POST costs the training process about the same whatever it
+        holds (a thread woken, the GIL taken from the training loop twice),
+        so the busier the loop, the fewer POSTs it can afford. At or below
+        it (1,000/s: 10 ms) the wait is ``linger``; at 2,000/s it is 40 ms
+        (25 POSTs/s); from about 3,200/s on, ``max_linger`` (10 POSTs/s).
+        Measured with ``bench/overhead.py`` (3 scalars a step, about 3,300
+        events/s): a wait growing in proportion to the rate slowed the loop
+        1.17x, this one about as little as a fixed 0.25 s (1.03x).
     :param max_linger: the longest wait, however high the rate.
     :param report_every: seconds between the publisher's own metrics
         (``trainstream/log_us``, ``trainstream/queue_depth``,
@@ -99,7 +103,7 @@ class Publisher(RunAPI):
         report_every: float = 10.0,
         flush_at_exit: float = 5.0,
         linger: float = 0.01,
-        busy_rate: float = 2_000.0,
+        busy_rate: float = 1_000.0,
         max_linger: float = 0.1,
         *,
         clock: Scheduler | None = None,
@@ -307,7 +311,8 @@ class Publisher(RunAPI):
     def _adapt(self, events: int, since: float) -> None:
         """The next wait, from the rate of the batch just taken (``since`` the last POST began)."""
         rate = events / since if since > 0 else 0.0
-        self.wait = min(self.max_linger, max(self.linger, self.linger * rate / self.busy_rate))
+        grown = self.linger * (rate / self.busy_rate) ** 2
+        self.wait = min(self.max_linger, max(self.linger, grown))
 
     def _report(self) -> None:
         """Queue the publisher's own metrics, and schedule the next report."""
