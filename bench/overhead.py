@@ -263,6 +263,31 @@ def report(loops: dict[str, list[Loop]], modes: list[str]) -> None:
             f"    {mode:<13} p50 {percentile(pooled, 50):7.2f}  p99 {percentile(pooled, 99):7.2f}"
             f"  max {max(pooled, default=0.0):8.1f}"
         )
+    paired_report(loops, modes)
+
+
+def paired_report(loops: dict[str, list[Loop]], modes: list[str]) -> None:
+    """
+    Slowdowns paired round by round: each round's median step of a mode over
+    that of the baseline (and of a new policy over its old one) in the same
+    round, then the median over rounds. A shared machine's speed drifts from
+    minute to minute; modes of one round share it, so these ratios are the
+    steadiest figure when rounds disagree.
+    """
+
+    def ratios(mode: str, base: str) -> list[float]:
+        return sorted(
+            statistics.median(a.times) / statistics.median(b.times)
+            for a, b in zip(loops[mode], loops[base], strict=True)
+        )
+
+    pairs = [(m, modes[0]) for m in modes[1:]]
+    pairs += [(m, m + "-old") for m in modes if m + "-old" in modes]
+    print(f"  paired by round (median over {len(loops[modes[0]])} rounds, quartiles):")
+    for mode, base in pairs:
+        r = ratios(mode, base)
+        q1, q3 = r[len(r) // 4], r[(3 * len(r)) // 4]
+        print(f"    {mode + ' / ' + base:<26} x{statistics.median(r):5.3f}  ({q1:.2f}-{q3:.2f})")
 
 
 if __name__ == "__main__":
