@@ -24,7 +24,10 @@ a 0.25 s linger: ``_common.use_old_inbox``, ``old_publisher``). The training
 process times every ``log`` call (``perf_counter_ns`` around it, ~50 ns of
 its own), and the embedded one also ``run.log`` back to back in bursts of
 200 calls the way ``log_cost.py`` does (``--bursts``), both policies
-interleaved. Then ``bench/overhead.py`` runs in the same invocation with modes
+interleaved; and the machine's floor at 20/s: a no-op call and a bare
+``reactor.callFromThread`` (the wake-up an idle inbox's ``run.log`` makes),
+each right after a sleep, for what a call costs there trainstream aside.
+Then ``bench/overhead.py`` runs in the same invocation with modes
 ``none, embedded, embedded-old, remote, remote-old`` (its slowdown of a real
 training loop; ``--overhead-steps 0`` skips it).
 
@@ -228,6 +231,9 @@ def child_main(argv: list[str]) -> int:
     try:
         for line in sys.stdin:
             command = json.loads(line)
+            if command["op"] == "floor" and server is not None:
+                _reply(floor(int(command["samples"])))
+                continue
             if command["op"] == "burst" and server is not None:
                 _reply(bursts(server.run(RUN), int(command["rounds"]), step))
                 step += 200 * int(command["rounds"])
@@ -281,6 +287,32 @@ def child_main(argv: list[str]) -> int:
 
             trainstream.release_stream_server()
     return 0
+
+
+def floor(samples: int, rate: float = 20.0) -> dict[str, Any]:
+    """
+    What any call costs the training thread at ``rate`` on this machine,
+    trainstream aside: a no-op call right after a sleep, and the reactor's
+    own ``callFromThread`` of a no-op (a pipe write that wakes the reactor
+    thread), which ``run.log`` does when its inbox is idle.
+    """
+    from twisted.internet import reactor
+
+    def noop() -> None:
+        pass
+
+    costs: dict[str, array[float]] = {"noop_us": array("d"), "call_from_thread_us": array("d")}
+    ns = time.perf_counter_ns
+    for _ in range(samples):
+        for key, call in (("noop_us", noop), ("call_from_thread_us", None)):
+            time.sleep(1 / rate)
+            started = ns()
+            if call is None:
+                reactor.callFromThread(noop)
+            else:
+                call()
+            costs[key].append((ns() - started) / 1000)
+    return {key: stats(values) for key, values in costs.items()}
 
 
 def bursts(run: Any, rounds: int, step: int, batch: int = 200) -> dict[str, Any]:
@@ -341,6 +373,12 @@ class Child:
     async def burst(self, rounds: int) -> dict[str, Any]:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"op": "burst", "rounds": rounds}) + "\n")
+        self.proc.stdin.flush()
+        return await self.receive()
+
+    async def floor(self, samples: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": "floor", "samples": samples}) + "\n")
         self.proc.stdin.flush()
         return await self.receive()
 
@@ -439,7 +477,8 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
         f"{'WS p50 / p99':>15}  {'goal':>5}  {'verdict':<8} {'log() p50 / p99':>16}",
     ]
     bursts = [r for r in results if "burst_us" in r]
-    results = [r for r in results if "burst_us" not in r]
+    floors = [r["floor_us"] for r in results if "floor_us" in r]
+    results = [r for r in results if "burst_us" not in r and "floor_us" not in r]
     for r in results:
         cells = []
         worst = 0.0
@@ -468,6 +507,12 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
             f"  {r.get('store', '?'):<6} run.log in bursts, policy {r['policy']}: "
             f"p50 {p50:.2f} us per call "
             f"(goal <= {LOG_GOAL_US:g} us)"
+        )
+    for got in floors:
+        lines.append(
+            f"  floor at 20/s: a no-op call {got['noop_us']['p50']:.1f} us, "
+            f"callFromThread(no-op) {got['call_from_thread_us']['p50']:.1f} us (p50; "
+            "run.log's cost at 20/s is this wake-up)"
         )
     return lines
 
@@ -552,6 +597,17 @@ async def measure_store(reactor: Any, args: argparse.Namespace, store: str) -> l
                     f"p99 {p99s[1]:.2f} us; goal p50 <= {LOG_GOAL_US:g} us"
                 )
                 results.append({"path": "embedded-burst", "policy": policy, "burst_us": got})
+        child = children.get(("embedded", "new"))
+        if child is not None:
+            got = await child.floor(100)
+            print(
+                "the machine's floor at 20/s in the embedded training process (100 calls each, "
+                f"after a 50 ms sleep): a no-op call p50 {got['noop_us']['p50']:.1f} us; "
+                f"reactor.callFromThread(no-op), the wake-up run.log makes when its inbox is idle, "
+                f"p50 {got['call_from_thread_us']['p50']:.1f} us, p99 "
+                f"{got['call_from_thread_us']['p99']:.1f} us"
+            )
+            results.append({"path": "floor", "policy": "-", "floor_us": got})
     finally:
         for child in children.values():
             code = child.stop()
