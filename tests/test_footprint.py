@@ -346,3 +346,28 @@ class TwistdImportsTests(SynchronousTestCase):
         report = json.loads(run_child(self, TWISTD_SERVICE_CHILD).strip().splitlines()[-1])
         self.assertEqual(loaded(set(report["made"]), "crochet", "wrapt"), [])
         self.assertEqual(report["threads"], 1)
+
+
+class HostedCrochetTests(TestCase):
+    def test_told_in_the_reactor_thread_once(self) -> Deferred[None]:
+        """
+        In a process whose reactor runs already (twistd's, adopted), the
+        first embedded call from another thread has crochet's no_setup run
+        in the reactor's thread (it adds a shutdown trigger), and only once.
+        """
+        import crochet
+        from twisted.internet.threads import deferToThread
+        from twisted.python import threadable
+
+        from trainstream import embedded
+
+        where: list[bool] = []
+        self.patch(embedded, "_hosted", True)
+        self.patch(embedded, "_told_crochet", False)
+        self.patch(crochet, "no_setup", lambda: where.append(threadable.isInIOThread()))
+
+        def twice() -> None:
+            embedded.ensure_reactor_thread()
+            embedded.ensure_reactor_thread()
+
+        return deferToThread(twice).addCallback(lambda _: self.assertEqual(where, [True]))

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.threads import blockingCallFromThread
 from twisted.python import threadable
 
 from trainstream.config import Config
@@ -33,6 +34,8 @@ _setup_lock = threading.Lock()
 #: set by ``StreamServerManager.adopt``: the reactor is twistd's (running, or
 #: about to run), so crochet must never start one (imported only when asked)
 _hosted = False
+#: crochet was told (once) that the reactor runs elsewhere
+_told_crochet = False
 
 
 def ensure_reactor_thread() -> None:
@@ -40,17 +43,26 @@ def ensure_reactor_thread() -> None:
     Make sure a reactor is running: crochet's thread, unless the reactor
     already runs elsewhere (twistd, an application's own ``reactor.run``).
     """
+    global _told_crochet
     import crochet
     from twisted.internet import reactor
 
     with _setup_lock:
-        if _hosted or getattr(reactor, "running", False):
+        running = getattr(reactor, "running", False)
+        if not (_hosted or running):
+            crochet.setup()
+        elif not _told_crochet:
+            # Once: no_setup adds a shutdown trigger, so it runs in the
+            # reactor's thread if the reactor runs (twistd's, before it runs:
+            # no other thread is about).
             try:
-                crochet.no_setup()
+                if running:
+                    blockingCallFromThread(reactor, crochet.no_setup)  # type: ignore[arg-type]
+                else:
+                    crochet.no_setup()
             except RuntimeError:
                 pass  # crochet already set up: it is crochet's thread that runs
-        else:
-            crochet.setup()
+            _told_crochet = True
 
 
 def call_blocking(
