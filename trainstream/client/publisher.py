@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -70,15 +71,16 @@ class Publisher(RunAPI):
         event at most about ``linger`` plus a POST late (``flush``, a close
         and a full batch do not wait for it).
     :param busy_rate: above this many events/s (measured over each batch),
-        the wait grows with the square of the rate, up to ``max_linger``:
-        each POST costs the training process about the same whatever it
-        holds (a thread woken, the GIL taken from the training loop twice),
-        so the busier the loop, the fewer POSTs it can afford. At or below
-        it (1,000/s: 10 ms) the wait is ``linger``; at 2,000/s it is 40 ms
-        (25 POSTs/s); from about 3,200/s on, ``max_linger`` (10 POSTs/s).
-        Measured with ``bench/overhead.py`` (3 scalars a step, about 3,300
-        events/s): a wait growing in proportion to the rate slowed the loop
-        1.17x, this one about as little as a fixed 0.25 s (1.03x).
+        the wait grows, in proportion, from ``linger`` to ``max_linger`` at
+        twice the rate: each POST costs the training process about the same
+        whatever it holds (a thread woken, the GIL taken from the training
+        loop twice), so the busier the loop, the fewer POSTs it can afford.
+        At or below it (1,500/s, room above 1 kHz for a rate measured over
+        a few events) the wait is ``linger``; at 2,000/s it is 40 ms (25
+        POSTs/s); from 3,000/s on, ``max_linger`` (10 POSTs/s). Measured
+        with ``bench/overhead.py`` (3 scalars a step, about 3,300 events/s):
+        10 ms windows slowed the loop 1.17x, 0.1 s about as little as the
+        fixed 0.25 s of before.
     :param max_linger: the longest wait, however high the rate.
     :param report_every: seconds between the publisher's own metrics
         (``trainstream/log_us``, ``trainstream/queue_depth``,
@@ -103,7 +105,7 @@ class Publisher(RunAPI):
         report_every: float = 10.0,
         flush_at_exit: float = 5.0,
         linger: float = 0.01,
-        busy_rate: float = 1_000.0,
+        busy_rate: float = 1_500.0,
         max_linger: float = 0.1,
         *,
         clock: Scheduler | None = None,
@@ -116,6 +118,11 @@ class Publisher(RunAPI):
         self.batch_size = batch_size
         self.timeout = timeout
         self.report_every = report_every
+        for what, value in (("linger", linger), ("max_linger", max_linger)):
+            if not value >= 0:
+                raise ValueError(f"Publisher {what} must be seconds >= 0, got {value!r}")
+        if not 0 < busy_rate < math.inf:
+            raise ValueError(f"Publisher busy_rate must be events/s > 0, got {busy_rate!r}")
         self.linger = linger
         self.busy_rate = busy_rate
         self.max_linger = max(linger, max_linger)
@@ -311,8 +318,8 @@ class Publisher(RunAPI):
     def _adapt(self, events: int, since: float) -> None:
         """The next wait, from the rate of the batch just taken (``since`` the last POST began)."""
         rate = events / since if since > 0 else 0.0
-        grown = self.linger * (rate / self.busy_rate) ** 2
-        self.wait = min(self.max_linger, max(self.linger, grown))
+        busy = min(1.0, max(0.0, rate / self.busy_rate - 1.0))  # 0 up to busy_rate, 1 from twice it
+        self.wait = self.linger + (self.max_linger - self.linger) * busy
 
     def _report(self) -> None:
         """Queue the publisher's own metrics, and schedule the next report."""
