@@ -452,6 +452,37 @@ class PublisherBatchingTests(PublisherTestCase):
         self.assertEqual(self.server.times()[-1], self.clock.seconds())  # idle: at once
         self.assertEqual(self.server.steps()[-1], 3000)
 
+    def test_a_loop_catching_up_is_not_taken_for_a_busier_one(self) -> None:
+        """
+        1 kHz with a stall of 40 ms every half second, after which the loop
+        logs the 40 missed points at once (as bench/latency.py's does): the
+        batch that takes them measures its rate since the POST before the
+        stall, so the wait stays one linger and no point waits much longer.
+        """
+        pub = self.publisher()
+        self.clock.advance(0)
+        logged: dict[int, float] = {}
+        step = 0
+        for _ in range(4):
+            for _ in range(460):
+                logged[step] = self.clock.seconds()
+                pub.log({"m0": 0.5}, step=step)
+                step += 1
+                self.clock.advance(TICK)
+            self.clock.pump([TICK] * 40)  # the stall ...
+            for _ in range(40):  # ... and the catching up
+                logged[step] = self.clock.seconds()
+                pub.log({"m0": 0.5}, step=step)
+                step += 1
+            self.assertEqual(pub.wait, WINDOW)
+        self.clock.pump([TICK] * 100)
+        delays = [
+            when - logged[e["step"]] for when, events in self.server.posts for e in events
+            if e["type"] == "metric"
+        ]  # fmt: skip
+        self.assertEqual(len(delays), step)
+        self.assertLessEqual(max(delays), WINDOW + 2 * TICK + 1e-9)
+
     def test_bad_timing_parameters_are_named(self) -> None:
         for kwargs, named in (
             ({"busy_rate": 0}, "busy_rate"),
