@@ -303,14 +303,15 @@ def floor(samples: int, rate: float = 20.0) -> dict[str, Any]:
 
     costs: dict[str, array[float]] = {"noop_us": array("d"), "call_from_thread_us": array("d")}
     ns = time.perf_counter_ns
+
+    def wake() -> None:
+        reactor.callFromThread(noop)
+
     for _ in range(samples):
-        for key, call in (("noop_us", noop), ("call_from_thread_us", None)):
+        for key, call in (("noop_us", noop), ("call_from_thread_us", wake)):
             time.sleep(1 / rate)
             started = ns()
-            if call is None:
-                reactor.callFromThread(noop)
-            else:
-                call()
+            call()
             costs[key].append((ns() - started) / 1000)
     return {key: stats(values) for key, values in costs.items()}
 
@@ -370,23 +371,21 @@ class Child:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    async def burst(self, rounds: int) -> dict[str, Any]:
+    async def ask(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one command line (``{"op": op, **fields}``); its answer."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": "burst", "rounds": rounds}) + "\n")
+        self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
         self.proc.stdin.flush()
         return await self.receive()
+
+    async def burst(self, rounds: int) -> dict[str, Any]:
+        return await self.ask("burst", rounds=rounds)
 
     async def floor(self, samples: int) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": "floor", "samples": samples}) + "\n")
-        self.proc.stdin.flush()
-        return await self.receive()
+        return await self.ask("floor", samples=samples)
 
     async def go(self, rate: float, seconds: float) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": "go", "rate": rate, "seconds": seconds}) + "\n")
-        self.proc.stdin.flush()
-        return await self.receive()
+        return await self.ask("go", rate=rate, seconds=seconds)
 
     def stop(self) -> int | None:
         if self.proc.poll() is None and self.proc.stdin is not None:

@@ -246,26 +246,10 @@ print(json.dumps({"import": after_import, "idle": idle}))
 """
 
 
-def child_modules(testcase: SynchronousTestCase, block: str = "") -> dict[str, set[str]]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(REPO)
+def run_child(testcase: SynchronousTestCase, code: str, *args: str) -> str:
+    """Run ``python -c code args`` from the tree in a fresh interpreter; its stdout."""
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, block],
-        cwd=tempfile.gettempdir(),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-    )
-    testcase.assertEqual(done.returncode, 0, done.stderr[-2000:])
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    return {k: set(v) for k, v in report.items()}
-
-
-def run_child(testcase: SynchronousTestCase, code: str) -> str:
-    """Run ``python -c code`` from the tree in a fresh interpreter; its stdout."""
-    done = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         cwd=tempfile.gettempdir(),
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -274,6 +258,11 @@ def run_child(testcase: SynchronousTestCase, code: str) -> str:
     )
     testcase.assertEqual(done.returncode, 0, done.stderr[-2000:])
     return done.stdout
+
+
+def child_modules(testcase: SynchronousTestCase, block: str = "") -> dict[str, set[str]]:
+    report = json.loads(run_child(testcase, CHILD, block).strip().splitlines()[-1])
+    return {k: set(v) for k, v in report.items()}
 
 
 def loaded(modules: set[str], *prefixes: str) -> list[str]:
