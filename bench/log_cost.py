@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import gc
 import io
+import itertools
 import pstats
 import sys
 import threading
@@ -63,11 +64,13 @@ def cases(run: Any) -> dict[str, tuple[Callable[[int], None], int]]:
         if len(queue) > 10_000:
             queue.clear()
 
+    steps = itertools.count()  # steps only go up, as in training (a step going back is a rewind)
+
     def log_one(i: int) -> None:
-        run.log(one, step=i)
+        run.log(one, step=next(steps))
 
     def log_ten(i: int) -> None:
-        run.log(ten, step=i)
+        run.log(ten, step=next(steps))
 
     return {
         "loop + call only": (loop_only, 0),
@@ -132,14 +135,15 @@ class GcTimer:
         return "  GC pauses during the rounds: " + "; ".join(parts)
 
 
-def single_calls(run: Any, n: int) -> dict[str, list[float]]:
+def single_calls(server: Any, run: Any, n: int) -> dict[str, list[float]]:
     """
     One call at a time, each after ``flush()`` (reactor idle, not timed): every
     call then wakes the reactor, as one ``log()`` per training step does.
     """
     one = {"train/loss": 0.5}
     ten = dict.fromkeys(TEN, 0.5)
-    wake = run.server.reactor.callFromThread
+    wake = server.reactor.callFromThread
+    first = 10**9  # above every step the rounds logged
     out: dict[str, list[float]] = {
         "callFromThread(noop)": [],
         "run.log(1 scalar)": [],
@@ -147,8 +151,8 @@ def single_calls(run: Any, n: int) -> dict[str, list[float]]:
     }
     calls: list[tuple[list[float], Callable[[int], object]]] = [
         (out["callFromThread(noop)"], lambda i: wake(_noop)),
-        (out["run.log(1 scalar)"], lambda i: run.log(one, step=i)),
-        (out["run.log(dict of 10)"], lambda i: run.log(ten, step=i)),
+        (out["run.log(1 scalar)"], lambda i: run.log(one, step=first + i)),
+        (out["run.log(dict of 10)"], lambda i: run.log(ten, step=first + i)),
     ]
     clock = time.perf_counter_ns
     for i in range(n):
@@ -190,7 +194,7 @@ def profile_run(server: Any, run: Any, calls: int, reactor_call: Any) -> None:
     t0 = time.perf_counter()
     training.enable()
     for i in range(calls):
-        run.log({"train/loss": 0.5}, step=i)
+        run.log({"train/loss": 0.5}, step=2 * 10**9 + i)
         if i % 1000 == 999:
             run.flush()
     run.flush()
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             print(show(label, values))
         print(gc_timer.line())
         with GcTimer() as gc_single:
-            singles = single_calls(run, args.single)
+            singles = single_calls(server, run, args.single)
         expected += 11 * args.single
         got = server.hub.last_id - first_id
         print(f"one call at a time, each waking the reactor ({args.single} each, timed singly):")
