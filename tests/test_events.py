@@ -442,6 +442,27 @@ class ValidEventTests(SynchronousTestCase):
             self.assertEqual(decoded, expected, event_type)
             self.assertIsInstance(out["time"], float)
 
+    @PROPERTY
+    @given(
+        st.lists(
+            st.tuples(
+                st.one_of(st.sampled_from([0.0, -0.0, 1e9, 1e9 + 0.5]), st.floats(0.0, 1e12)),
+                st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers()),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    def test_metric_text_is_the_encoders(self, points: list[tuple[float, float | int]]) -> None:
+        """
+        The direct way for metrics (which keeps the last time's text) writes
+        what the encoder writes, call after call: 0.0 and -0.0 too.
+        """
+        for i, (t, value) in enumerate(points):
+            event = {"id": i, "type": "metric", "run": "r", "time": t, "name": "n", "step": i}
+            event["value"] = value
+            self.assertEqual(encode_event(event), encode_json(event))
+
     def test_key_order(self) -> None:
         """
         ``type``, ``run`` and ``time`` come first, then the type's fields.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from hypothesis import given, settings, strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
@@ -83,6 +84,12 @@ class InboxTests(SynchronousTestCase):
         with self.assertRaises(EventError):
             self.run.log({"loss": "high"}, step=3)
 
+    def test_run_name_is_fixed(self) -> None:
+        """The name was checked once: it cannot be changed under queued events."""
+        with self.assertRaises(AttributeError):
+            self.run.name = "x" * 10_000  # type: ignore[misc]
+        self.assertEqual(self.run.name, "r")
+
     def test_special_values(self) -> None:
         self.run.log({"a": float("nan"), "b": "Infinity", "c": "-Infinity", "d": 3}, step=1)
         self.reactor.calls.pop()()
@@ -139,3 +146,76 @@ class ResumeUnderLoadTests(TestCase):
                 self.assertEqual(ids, list(range(after + 1, last + 1)))
 
         return Deferred.fromCoroutine(go())
+
+
+_NAMES = st.sampled_from(["loss", "acc", "lr", "train/loss", "a.b:c-d_e"])
+_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+_CALLS = st.lists(
+    st.tuples(
+        st.dictionaries(_NAMES, _VALUES, min_size=1, max_size=3),
+        st.integers(min_value=0, max_value=2**63 - 1),
+        st.floats(min_value=0.0, max_value=1e12),  # given: time.time() would differ
+        st.booleans(),  # flush (the reactor takes the queue) after this call
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+class CheckedSinkTests(SynchronousTestCase):
+    """
+    A batch made only of ``run.log`` calls that ``plain_log`` let through
+    goes to the hub unchecked (``accept_checked``): it must store exactly
+    what the checked way stores, and anything else must still be checked.
+    """
+
+    def hub_and_run(self, checked: bool) -> tuple[Hub, Run, HeldReactor, list[str]]:
+        hub = Hub(MemoryStore(), now=lambda: 1e9)
+        reactor = HeldReactor()
+        taken: list[str] = []
+
+        def sink(events: list[dict[str, object]]) -> None:
+            taken.append("checked")
+            hub.accept(events)
+
+        def unchecked(events: list[dict[str, object]]) -> None:
+            taken.append("unchecked")
+            hub.accept_checked(events)
+
+        inbox = Inbox(reactor, sink, checked_sink=unchecked if checked else None)
+        run = Run("r", inbox, flush_deferred=lambda: succeed(None), blocking=lambda: None)
+        return hub, run, reactor, taken
+
+    @settings(max_examples=150, deadline=None)
+    @given(_CALLS)
+    def test_the_unchecked_way_stores_the_same(
+        self, calls: list[tuple[dict[str, object], int, float, bool]]
+    ) -> None:
+        stored = []
+        for checked in (False, True):
+            hub, run, reactor, _ = self.hub_and_run(checked)
+            for metrics, step, t, flush in calls:
+                run.log(metrics, step=step, time_s=t)
+                if flush:
+                    while reactor.calls:
+                        reactor.calls.pop(0)()
+            while reactor.calls:
+                reactor.calls.pop(0)()
+            stored.append([(r.id, r.json) for r in hub.store.after(0, lambda r: True)])
+        self.assertEqual(stored[0], stored[1])
+        self.assertTrue(stored[1])
+
+    def test_only_plain_log_calls_skip_the_check(self) -> None:
+        hub, run, reactor, taken = self.hub_and_run(True)
+        run.log({"loss": 1.0}, step=1)  # a new name: checked by metric_events, a list
+        reactor.calls.pop()()
+        run.log({"loss": 0.5}, step=2)  # known name, plain value: the tuple form
+        reactor.calls.pop()()
+        run.log({"loss": 0.25}, step=3)
+        run.status("running")  # in the same batch: the whole batch is checked
+        reactor.calls.pop()()
+        self.assertEqual(taken, ["checked", "unchecked", "checked"])
+        self.assertEqual(hub.last_id, 4)

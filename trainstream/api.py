@@ -35,14 +35,18 @@ class RunAPI(abc.ABC):
     called from any thread and returns without waiting for the server.
 
     :param name: the run's name, checked here (a bad one fails at once).
-    :ivar name: the run's name.
     """
 
     def __init__(self, name: str) -> None:
         validate_event({"type": "log", "run": name, "level": "info", "message": ""})
-        self.name = name
+        self._name = name
         #: Metric names already checked: ``metric_events`` skips their check.
         self._checked_names: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        """The run's name (fixed: events checked against it are queued unchecked later)."""
+        return self._name
 
     @abc.abstractmethod
     def _enqueue(self, events: list[Event]) -> None:

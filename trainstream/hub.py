@@ -191,6 +191,16 @@ class Hub:
         self._accept_follow()  # a store that commits at once has delivered already
         return answer
 
+    def accept_checked(self, events: Sequence[dict[str, object]]) -> tuple[int, int, int]:
+        """
+        ``accept`` for events already valid and normalized, each a new dict
+        the caller no longer touches: the metric events ``run.log`` checked
+        in the training thread (``plain_log``) and the reactor thread built.
+        """
+        answer = self._publish(events)
+        self._accept_follow()
+        return answer
+
     def publish(self, items: object) -> Deferred[tuple[int, int, int]]:
         """
         ``accept``, then fire with its answer once the batch is durable: what

@@ -117,6 +117,7 @@ class StreamServer(MultiService):
             self._accept_logged,
             clock=self.reactor,
             window=_INBOX_DELAY,
+            checked_sink=self.hub.accept_checked,
         )
         self.site = build_site(self, self.config, self.reactor)
         self.runs = RunsService(self.hub, self.reactor, self.config.stall_after)
