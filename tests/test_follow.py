@@ -661,6 +661,41 @@ class HTTPSinkTests(Processes):
         self.assertNotIn("Traceback", result.stderr)
 
 
+class OnceTests(SynchronousTestCase):
+    def test_once_gives_up_on_a_server_that_stays_down(self) -> None:
+        """
+        ``follow --once`` (a script's, a cron job's) exits 1 with one line
+        once the server has been unreachable for its patience; it retried
+        forever before.
+        """
+        import socket
+
+        from trainstream.cli.follow import FollowOptions, run_follow
+
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        logdir = self.mktemp()
+        os.makedirs(os.path.join(logdir, "exp"))
+        append(os.path.join(logdir, "exp", "events.out.tfevents.1"), scalar("loss", 1.0, 0))
+        options = FollowOptions(
+            logdir,
+            url=f"http://127.0.0.1:{port}",
+            state=os.path.join(logdir, "state.json"),
+            once=True,
+            patience=1.0,
+        )
+        err = io.StringIO()
+        started = time.monotonic()
+        code = run_follow(options, err)
+        took = time.monotonic() - started
+        self.assertEqual(code, 1, err.getvalue())
+        self.assertIn(f"server http://127.0.0.1:{port}: unreachable", err.getvalue())
+        self.assertIn("gave up after 1 s", err.getvalue())
+        self.assertNotIn("Traceback", err.getvalue())
+        self.assertLess(took, 10)
+
+
 class ServiceTests(TestCase):
     """``--logdir`` in one process: the follow service on a server with a history file."""
 

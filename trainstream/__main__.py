@@ -185,7 +185,10 @@ def add_follow(commands: Any) -> None:
         help="seconds between looks at the files (default 0.25)",
     )
     follow.add_argument(
-        "--once", action="store_true", help="publish what the files hold now, then exit"
+        "--once",
+        action="store_true",
+        help="publish what the files hold now, then exit (status 1 if the server "
+        "stays unreachable for 30 s)",
     )
 
 

@@ -20,6 +20,11 @@ __all__ = ["FollowOptions", "run_follow"]
 DEFAULT_URL = "http://127.0.0.1:8890"
 
 
+#: Seconds ``--once`` waits for a server that cannot be reached, then gives up
+#: (exit status 1); without ``--once``, ``follow`` retries until stopped.
+ONCE_PATIENCE = 30.0
+
+
 @dataclass
 class FollowOptions:
     """What ``follow`` is told (see ``python -m trainstream follow --help``)."""
@@ -30,6 +35,8 @@ class FollowOptions:
     state: str | None = None
     interval: float = 0.25
     once: bool = False
+    #: ``once``: how long the server may be unreachable before it exits 1
+    patience: float = ONCE_PATIENCE
 
 
 def run_follow(options: FollowOptions, stderr: TextIO) -> int:
@@ -52,7 +59,8 @@ def run_follow(options: FollowOptions, stderr: TextIO) -> int:
         print(f"trainstream follow: {prefix}{message}", file=stderr, flush=True)
 
     stop = threading.Event()
-    sink = HTTPSink(options.url, options.token, report, stop)
+    patience = options.patience if options.once else None
+    sink = HTTPSink(options.url, options.token, report, stop, give_up_after=patience)
     follower = Follower(options.logdir, sink, report, options.state, options.interval, protos, stop)
 
     def on_term(signum: int, frame: FrameType | None) -> None:

@@ -13,6 +13,8 @@ stop event, so a stop never waits for a server that is gone.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from trainstream.client.backoff import Backoff
@@ -42,7 +44,11 @@ class HTTPSink:
     """
     A trainstream server at ``url``.
 
-    :raises ClientError: from any call, when the server refuses the token (401).
+    :param give_up_after: seconds the server may stay unreachable (or
+        failing) before a call gives up with ``ClientError``; ``None``: retry
+        until stopped (``follow`` without ``--once``).
+    :raises ClientError: from any call, when the server refuses the token
+        (401), or has been down for ``give_up_after`` seconds.
     """
 
     def __init__(
@@ -52,6 +58,8 @@ class HTTPSink:
         report: Report,
         stop: threading.Event,
         timeout: float = 10.0,
+        give_up_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = parse_endpoint(url)
         self.token = token
@@ -61,14 +69,27 @@ class HTTPSink:
         self.transport = KeepAlive(self.endpoint, timeout)
         self.backoff = Backoff(0.25, 5.0)
         self._down = False
+        self._down_since = 0.0
+        self.give_up_after = give_up_after
+        self.clock = clock
         #: events the server refused for good (named in a log line each)
         self.rejected = 0
 
     def _retry(self, why: str) -> None:
         if not self._down:
             self._down = True
+            self._down_since = self.clock()
             self.report("warning", f"server {self.endpoint.base}: {why}; retrying")
-        if self.stop.wait(self.backoff.next()):
+        wait = self.backoff.next()
+        patience = self.give_up_after
+        if patience is not None:
+            left = patience - (self.clock() - self._down_since)
+            if left <= 0:
+                raise ClientError(
+                    f"server {self.endpoint.base}: {why}; gave up after {patience:g} s"
+                )
+            wait = min(wait, left)
+        if self.stop.wait(wait):
             raise Stopped()
 
     def _up(self) -> None:
