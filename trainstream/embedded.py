@@ -286,6 +286,12 @@ def keep_serving(message: str | None = None) -> None:
     :param message: printed (and flushed) to stdout once Ctrl-C is caught,
         so a Ctrl-C the moment it appears still ends quietly.
 
+    Once it has returned, a further Ctrl-C in the main thread only says the
+    server is stopping: it would interrupt the caller's release, or
+    Python's exit joining threads, with a traceback (a second Ctrl-C comes
+    fast from an impatient user). SIGTERM and a second signal of another
+    kind still end the process.
+
     :raises ReactorThreadError: from the reactor thread, where it would deadlock.
     :raises TrainstreamError: when no server is running.
     """
@@ -302,14 +308,28 @@ def keep_serving(message: str | None = None) -> None:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, interrupt) if main else None
     try:
-        if message is not None:
-            print(message, flush=True)
-        threading.Event().wait()
+        try:
+            if message is not None:
+                print(message, flush=True)
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, _stopping)
     except KeyboardInterrupt:
-        pass
+        pass  # the second arrived before the handler was in place
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stopping(signum: int, frame: object) -> None:
+    """SIGINT once ``keep_serving`` has returned: the server is on its way down."""
+    try:
+        print("trainstream: stopping (saving the history and closing the ports)", flush=True)
+    except (OSError, ValueError):  # stdout closed or gone
+        pass
 
 
 def revisit_hint(config: Config) -> str:
