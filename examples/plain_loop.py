@@ -68,4 +68,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except trainstream.TrainstreamError as e:  # a busy port, a history in use: one line
+        raise SystemExit(f"plain_loop.py: {e}") from None

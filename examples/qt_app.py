@@ -241,4 +241,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except trainstream.TrainstreamError as e:  # a busy port, a history in use: one line
+        raise SystemExit(f"qt_app.py: {e}") from None

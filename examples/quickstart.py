@@ -59,4 +59,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except trainstream.TrainstreamError as e:  # a busy port, a history in use: one line
+        raise SystemExit(f"quickstart.py: {e}") from None

@@ -92,4 +92,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except trainstream.TrainstreamError as e:  # a busy port, a history in use: one line
+        raise SystemExit(f"train_torch.py: {e}") from None

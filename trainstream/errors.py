@@ -65,7 +65,8 @@ class PortInUseError(ListenError):
     def _message(self) -> str:
         return (
             super()._message() + "; another process holds it: stop that process or "
-            f"choose another endpoint (--{self.role} tcp:0 picks a free port)"
+            f"choose another endpoint (--{self.role} tcp:0 picks a free port; "
+            f"embedded: config {{{self.role!r}: 'tcp:0'}})"
         )
 
 
