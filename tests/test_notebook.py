@@ -62,7 +62,7 @@ class ReprTests(SynchronousTestCase):
         from trainstream.integrations import _target
 
         target = self.target("a")
-        target.name = 'a"<b>'  # names are checked before this; the HTML escapes anyway
+        target._name = 'a"<b>'  # names are checked (and fixed) before this; the HTML escapes anyway
         page = target._repr_html_()
         self.assertIn("<b>a&quot;&lt;b&gt;</b>", page)
         self.assertNotIn('a"<b>', page)
