@@ -23,6 +23,16 @@ next's, logging included. The flush/close after each loop is timed apart
 It prints figures and never fails on speed::
 
     PYTHONPATH=. .venv/bin/python bench/overhead.py [--steps 2000] [--rounds 3]
+        [--cycles 30 [--block 200]]
+
+``--cycles C`` adds a finer pairing, for a machine whose speed drifts within
+a round: one training loop in which the modes take turns, ``--block``
+steps each (the turn order rotating), ``C`` times round; every mode's
+logger is open throughout. The first ``SETTLE`` steps of each turn are not
+counted (the previous mode's batch may still be in the reactor). It prints
+each mode's median step over its turns and the slowdown paired turn by turn
+with the ``none`` turn of the same cycle (``embedded-old`` cannot take part:
+it changes the one embedded server's timing rule).
 """
 
 from __future__ import annotations
@@ -166,11 +176,68 @@ def measure(mode: str, steps: int, name: str, env: dict[str, Any]) -> Loop:
     return loop
 
 
+#: Steps at the start of each interleaved turn that are not counted.
+SETTLE = 20
+
+
+def interleaved(modes: list[str], block: int, cycles: int, env: dict[str, Any]) -> None:
+    """One loop, the modes taking turns of ``block`` steps (see the module's text)."""
+    from contextlib import ExitStack
+
+    order = [m for m in modes if m != "embedded-old"]
+    if order[0] != "none":
+        order.insert(0, "none")
+    turns: dict[str, list[list[float]]] = {m: [] for m in order}
+    with ExitStack() as stack:
+        logs = {m: stack.enter_context(logger(m, f"interleaved-{m}", env))[0] for m in order}
+        plan = [
+            order[(c + i) % len(order)] for c in range(cycles) for i in range(len(order))
+        ]  # rotating, so no mode always follows the same one
+        state = {"turn": -1, "last": 0.0}
+        ns = time.perf_counter
+
+        def timed(step: int, loss: float, acc: float, lr: float) -> None:
+            turn, k = divmod(step, block)
+            mode = plan[turn]
+            if turn != state["turn"]:
+                state["turn"] = turn
+                turns[mode].append([])
+            logs[mode](step, loss, acc, lr)
+            now = ns()
+            if k >= SETTLE:
+                turns[mode][-1].append((now - state["last"]) * 1000.0)
+            state["last"] = now
+
+        gc.collect()
+        state["last"] = ns()
+        train_torch.train(len(plan) * block, timed)
+    print(
+        f"\n  interleaved: one loop, turns of {block} steps ({SETTLE} not counted) x "
+        f"{len(order)} modes x {cycles} cycles"
+    )
+    base = turns["none"]
+    for mode in order:
+        pooled = [t for turn in turns[mode] for t in turn]
+        line = f"    {mode:<13} median {statistics.median(pooled):6.3f} ms/step"
+        if mode != "none":
+            r = sorted(
+                statistics.median(a) / statistics.median(b)
+                for a, b in zip(turns[mode], base, strict=True)
+            )
+            q1, q3 = r[len(r) // 4], r[(3 * len(r)) // 4]
+            line += f"   / none paired by cycle x{statistics.median(r):5.3f} ({q1:.2f}-{q3:.2f})"
+        print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--cycles", type=int, default=0, help="interleaved turns, each mode once per cycle (0: off)"
+    )
+    parser.add_argument("--block", type=int, default=200, help="steps per interleaved turn")
     parser.add_argument(
         "--modes",
         default=",".join(MODES),
@@ -209,6 +276,8 @@ def main() -> None:
                 + ", ".join(f"{m}={statistics.median(loops[m][-1].times):.3f}" for m in modes),
                 flush=True,
             )
+        if args.cycles > 0:
+            interleaved(modes, max(args.block, SETTLE + 10), args.cycles, env)
     finally:
         trainstream.release_stream_server()
         code = remote.stop()
