@@ -23,7 +23,7 @@ from trainstream.api import Event
 from trainstream.client.publisher import Publisher
 from trainstream.hub import Hub
 from trainstream.run import Inbox, Run
-from trainstream.server import _INBOX_DELAY, StreamServer
+from trainstream.server import _INBOX_DELAY, _INBOX_MAX_DELAY, StreamServer
 from trainstream.store.memory import MemoryStore
 
 WINDOW = 0.01
@@ -282,6 +282,64 @@ class InboxTests(SynchronousTestCase):
         self.assertEqual(len(set(steps)), sent)
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertFalse(inbox._scheduled)  # so the next put wakes the reactor
+
+
+class BusyInboxTests(SynchronousTestCase):
+    """``max_window``: a loop logging above ``busy_rate`` gets longer windows (api.busy_wait)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(100)
+        self.reactor = Wakeups()
+        self.sink = Batches(self.clock)
+        self.inbox = Inbox(
+            self.reactor, self.sink, clock=self.clock, window=WINDOW, max_window=10 * WINDOW
+        )
+
+    def log_at(self, rate: float, seconds: float, first: int = 0) -> int:
+        """``rate`` puts a second (one event each) for ``seconds``; the reactor runs between."""
+        n = round(rate * seconds)
+        for step in range(first, first + n):
+            self.inbox.put([metric(step, self.clock.seconds())])
+            self.reactor.run()
+            self.clock.advance(1 / rate)
+        return n
+
+    def test_a_busy_loop_gets_few_big_batches_each_event_at_most_max_window_late(self) -> None:
+        n = self.log_at(5000, 2.0)  # over twice busy_rate (1,500/s): max_window
+        self.assertEqual(self.inbox.wait, 10 * WINDOW)
+        self.clock.pump([1 / 5000] * 500)  # the last window, then idle
+        self.assertEqual([e["step"] for e in self.sink.events()], list(range(n)))
+        self.assertLessEqual(max(self.sink.delays()), 10 * WINDOW + 1 / 5000 + 1e-9)
+        # about 2 s / 0.1 s (the window grows within the first few batches)
+        self.assertLessEqual(self.inbox.batches, 2.0 / (10 * WINDOW) + 8)
+        self.assertEqual(self.inbox.wakeups, 1)
+
+    def test_1_khz_keeps_the_short_window_and_slowing_down_brings_it_back(self) -> None:
+        n = self.log_at(1000, 1.0)  # below busy_rate
+        self.assertEqual(self.inbox.wait, WINDOW)
+        self.assertLessEqual(max(self.sink.delays()), WINDOW + 1e-9)
+        n += self.log_at(2250, 1.0, first=n)  # halfway to twice busy_rate: half-way to max
+        self.assertAlmostEqual(self.inbox.wait, 5.5 * WINDOW, delta=WINDOW)
+        before = len(self.sink.events())
+        self.log_at(1000, 0.5, first=n)  # one long window at most, then short ones again
+        self.assertEqual(self.inbox.wait, WINDOW)
+        self.assertLessEqual(max(self.sink.delays()[before:]), 5.5 * WINDOW + WINDOW)
+        self.assertEqual(self.inbox.wakeups, 1)
+
+    def test_without_max_window_the_window_never_grows(self) -> None:
+        inbox = Inbox(self.reactor, self.sink, clock=self.clock, window=WINDOW)
+        for step in range(5000):
+            inbox.put([metric(step, self.clock.seconds())])
+            self.reactor.run()
+            self.clock.advance(1 / 5000)
+        self.assertEqual(inbox.wait, WINDOW)
+
+    def test_the_server_lets_a_busy_loop_wait_up_to_its_bound(self) -> None:
+        reactor = ThreadedMemoryReactor()
+        server = StreamServer({"memory": True, "listen": "tcp:0:interface=127.0.0.1"}, reactor)
+        self.assertEqual(server.inbox.max_window, _INBOX_MAX_DELAY)
+        self.assertLessEqual(_INBOX_MAX_DELAY, 0.1)
 
 
 class ThreadedMemoryReactor(MemoryReactorClock):

@@ -61,6 +61,9 @@ _log = Logger()
 # the loop logs faster than this, its points go in one batch per this many
 # seconds (each at most this late), so the reactor takes the GIL that often.
 _INBOX_DELAY = 0.01
+#: ... and while it logs more than ``api.BUSY_RATE`` events/s, up to this
+#: (fewer, bigger batches: the reactor interrupts training less often).
+_INBOX_MAX_DELAY = 0.1
 #: Seconds a stop waits for what was published to be committed and acknowledged.
 _STOP_COMMIT_WAIT = 10.0
 
@@ -118,6 +121,7 @@ class StreamServer(MultiService):
             clock=self.reactor,
             window=_INBOX_DELAY,
             checked_sink=self.hub.accept_checked,
+            max_window=_INBOX_MAX_DELAY,
         )
         self.site = build_site(self, self.config, self.reactor)
         self.runs = RunsService(self.hub, self.reactor, self.config.stall_after)

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from trainstream.api import Event, RunAPI
+from trainstream.api import BUSY_RATE, Event, RunAPI, busy_wait
 from trainstream.client.backoff import Backoff
 from trainstream.client.clock import DelayedCall, Scheduler, ThreadClock
 from trainstream.client.http import UNREACHABLE, KeepAlive, decode, headers, parse_endpoint
@@ -105,7 +105,7 @@ class Publisher(RunAPI):
         report_every: float = 10.0,
         flush_at_exit: float = 5.0,
         linger: float = 0.01,
-        busy_rate: float = 1_500.0,
+        busy_rate: float = BUSY_RATE,
         max_linger: float = 0.1,
         *,
         clock: Scheduler | None = None,
@@ -317,9 +317,7 @@ class Publisher(RunAPI):
 
     def _adapt(self, events: int, since: float) -> None:
         """The next wait, from the rate of the batch just taken (``since`` the last POST began)."""
-        rate = events / since if since > 0 else 0.0
-        busy = min(1.0, max(0.0, rate / self.busy_rate - 1.0))  # 0 up to busy_rate, 1 from twice it
-        self.wait = self.linger + (self.max_linger - self.linger) * busy
+        self.wait = busy_wait(events, since, self.linger, self.max_linger, self.busy_rate)
 
     def _report(self) -> None:
         """Queue the publisher's own metrics, and schedule the next report."""
