@@ -29,7 +29,8 @@ interleaved; and the machine's floor at 20/s: a no-op call and a bare
 each right after a sleep, for what a call costs there trainstream aside.
 Then ``bench/overhead.py`` runs in the same invocation with modes
 ``none, embedded, embedded-old, remote, remote-old`` (its slowdown of a real
-training loop; ``--overhead-steps 0`` skips it).
+training loop, by rounds and by interleaved turns, ``--overhead-cycles``;
+``--overhead-steps 0`` skips it).
 
 Goals, printed and never asserted: p99 <= 2 ms embedded (and raw WS) and
 <= 5 ms remote at 20/s; p99 <= 20 ms at 1,000/s; ``run.log`` p50 <= 1 us.
@@ -39,7 +40,7 @@ of one run::
     PYTHONPATH=. .venv/bin/python bench/latency.py [--quick] [--seconds S]
         [--rate R[,R...]] [--policy new,old] [--paths embedded,remote,raw-ws]
         [--store memory|sqlite|both] [--bursts N] [--overhead-steps N]
-        [--overhead-rounds N] [--json PATH]
+        [--overhead-rounds N] [--overhead-cycles N] [--json PATH]
 
 ``--quick`` (3 s per 20/s case, 1.5 s per 1,000/s case, one short overhead
 round) is a smoke run of under a minute; the default is 20 s and 10 s per
@@ -653,6 +654,8 @@ def run_overhead(args: argparse.Namespace) -> int:
         str(args.overhead_steps),
         "--rounds",
         str(args.overhead_rounds),
+        "--cycles",
+        str(args.overhead_cycles),
     ]
     print(f"\n== overhead: {' '.join(command[1:])}", flush=True)
     return subprocess.run(command, check=False).returncode
@@ -698,12 +701,21 @@ def main(argv: list[str] | None = None) -> int:
         "--overhead-steps", type=int, help="steps per overhead loop (2000; --quick 500); 0: none"
     )
     parser.add_argument("--overhead-rounds", type=int, help="overhead rounds (3; --quick 1)")
+    parser.add_argument(
+        "--overhead-cycles",
+        type=int,
+        help="overhead.py --cycles: interleaved turns of 200 steps (40; --quick 3); 0: none",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures here")
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
     args = parser.parse_args(argv)
     # Seconds per case, unless --seconds: at 20/s, and at more than 100/s.
     args.slow_s, args.fast_s = (3.0, 1.5) if args.quick else (20.0, 10.0)
-    for name, full, quick in (("overhead_steps", 2000, 500), ("overhead_rounds", 3, 1)):
+    for name, full, quick in (
+        ("overhead_steps", 2000, 500),
+        ("overhead_rounds", 3, 1),
+        ("overhead_cycles", 40, 3),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     if args.bursts is None:
