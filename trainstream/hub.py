@@ -186,10 +186,7 @@ class Hub:
         :raises trainstream.events.EventError: naming the first bad event.
         :return: ``(accepted, first_id, last_id)`` of the publisher's events.
         """
-        events = validate_events(items, self.limits, self._now)
-        answer = self._publish(events)
-        self._accept_follow()  # a store that commits at once has delivered already
-        return answer
+        return self.accept_checked(validate_events(items, self.limits, self._now))
 
     def accept_checked(self, events: Sequence[dict[str, object]]) -> tuple[int, int, int]:
         """
@@ -198,7 +195,7 @@ class Hub:
         in the training thread (``plain_log``) and the reactor thread built.
         """
         answer = self._publish(events)
-        self._accept_follow()
+        self._accept_follow()  # a store that commits at once has delivered already
         return answer
 
     def publish(self, items: object) -> Deferred[tuple[int, int, int]]:
