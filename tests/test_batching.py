@@ -69,6 +69,18 @@ def metric(step: int, t: float) -> Event:
     return {"type": "metric", "run": "r", "time": t, "name": "loss", "step": step, "value": 0.5}
 
 
+def log_at(
+    inbox: Inbox, reactor: Wakeups, clock: Clock, rate: float, seconds: float, first: int = 0
+) -> int:
+    """Put ``rate`` events a second for ``seconds``, steps from ``first``; reactor turns between."""
+    n = round(rate * seconds)
+    for step in range(first, first + n):
+        inbox.put([metric(step, clock.seconds())])
+        reactor.run()
+        clock.advance(1 / rate)
+    return n
+
+
 class InboxTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -81,13 +93,7 @@ class InboxTests(SynchronousTestCase):
         self.inbox.put([metric(step, self.clock.seconds())])
 
     def log_at(self, rate: float, seconds: float) -> int:
-        """Put ``rate`` events a second for ``seconds``; the reactor runs between puts."""
-        n = round(rate * seconds)
-        for step in range(n):
-            self.put(step)
-            self.reactor.run()
-            self.clock.advance(1 / rate)
-        return n
+        return log_at(self.inbox, self.reactor, self.clock, rate, seconds)
 
     def test_idle_hands_over_at_once(self) -> None:
         """After a quiet spell: one wake-up, and the event is handed over in it."""
@@ -297,13 +303,7 @@ class BusyInboxTests(SynchronousTestCase):
         )
 
     def log_at(self, rate: float, seconds: float, first: int = 0) -> int:
-        """``rate`` puts a second (one event each) for ``seconds``; the reactor runs between."""
-        n = round(rate * seconds)
-        for step in range(first, first + n):
-            self.inbox.put([metric(step, self.clock.seconds())])
-            self.reactor.run()
-            self.clock.advance(1 / rate)
-        return n
+        return log_at(self.inbox, self.reactor, self.clock, rate, seconds, first)
 
     def test_a_busy_loop_gets_few_big_batches_each_event_at_most_max_window_late(self) -> None:
         n = self.log_at(5000, 2.0)  # over twice busy_rate (1,500/s): max_window
@@ -329,10 +329,7 @@ class BusyInboxTests(SynchronousTestCase):
 
     def test_without_max_window_the_window_never_grows(self) -> None:
         inbox = Inbox(self.reactor, self.sink, clock=self.clock, window=WINDOW)
-        for step in range(5000):
-            inbox.put([metric(step, self.clock.seconds())])
-            self.reactor.run()
-            self.clock.advance(1 / 5000)
+        log_at(inbox, self.reactor, self.clock, 5000, 1.0)
         self.assertEqual(inbox.wait, WINDOW)
 
     def test_the_server_lets_a_busy_loop_wait_up_to_its_bound(self) -> None:
