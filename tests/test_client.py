@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -364,6 +365,49 @@ class PublisherRulesTests(PublisherTestCase):
         pub.log({f"m{i}": i for i in range(8)}, step=11)  # more than max_queue in one call
         self.assertEqual((pub.queue_depth, pub.dropped), (5, 10))
 
+    def test_calls_keep_their_order_whichever_path_they_take(self) -> None:
+        """
+        log()'s common call goes into the lock-free inlet, every other event
+        into the queue: the events are sent in the order of the calls.
+        """
+        pub = self.publisher(linger=10)
+        pub.log({"loss": 1.0}, step=0)  # checked in full: "loss" is known after it
+        pub.log({"loss": 2.0}, step=1)  # the common call
+        pub.status("running")
+        pub.log({"loss": 3.0}, step=2)
+        pub.log({"loss": 4.0, "new": 1}, step=3)  # a new name: checked in full
+        pub.log({"loss": 5.0}, step=4)
+        self.clock.advance(10)
+        self.assertEqual(
+            [(e["type"], e.get("step"), e.get("value")) for e in self.server.stored],
+            [
+                ("status", None, None),
+                ("metric", 0, 1.0),
+                ("metric", 1, 2.0),
+                ("status", None, None),
+                ("metric", 2, 3.0),
+                ("metric", 3, 4.0),
+                ("metric", 3, 1),
+                ("metric", 4, 5.0),
+            ],
+        )
+        self.assertEqual(
+            {e["name"] for e in self.server.stored if e["type"] == "metric"}, {"loss", "new"}
+        )
+
+    def test_the_queue_stays_bounded_however_many_calls_wait(self) -> None:
+        self.server.up = False
+        pub = self.publisher(max_queue=50, batch_size=10, linger=1000)
+        longest = 0
+        for step in range(1000):
+            pub.log({"loss": float(step)}, step=step)
+            longest = max(longest, len(pub._inlet))
+        self.assertLessEqual(longest, 10)  # batch_size calls at most wait untaken
+        self.assertEqual((pub.queue_depth, pub.dropped), (50, 1001 - 50))
+        self.server.up = True
+        self.clock.advance(1000)  # the next retry sends the newest 50
+        self.assertEqual(self.server.steps(), list(range(950, 1000)))
+
     def test_flush_sends_at_once(self) -> None:
         pub = self.publisher(linger=10)
         pub.log({"loss": 0.5}, step=0)
@@ -448,6 +492,45 @@ class PublisherRulesTests(PublisherTestCase):
         self.clock.advance(10)
         self.clock.advance(0.25)
         self.assertEqual(len(self.server.stored), 2 + 3 + 3)  # every report_every
+
+
+class PublisherThreadTests(SynchronousTestCase):
+    """The lock-free inlet with real threads: nothing stranded, lost or doubled."""
+
+    def test_threads_logging_at_once_lose_nothing_and_wait_for_no_flush(self) -> None:
+        server = FakeTransport(Clock())
+        pub = Publisher(
+            "http://h:1",
+            "r",
+            report_every=0,
+            flush_at_exit=0,
+            transport=server,
+            linger=0.001,
+            max_linger=0.001,
+        )
+        self.addCleanup(pub.close, 5)
+        pub.log({"warm": 0.0}, step=0)  # "warm" known: the calls below take the inlet
+
+        def log(name: str) -> None:
+            for step in range(3000):
+                pub.log({name: float(step)}, step=step)
+                if step % 300 == 299:
+                    time.sleep(0.02)  # a pause: the sender goes idle, the next call wakes it
+
+        pub.log({f"t{i}": 0.0 for i in range(4)}, step=0)
+        threads = [threading.Thread(target=log, args=(f"t{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        expected = 1 + 1 + 4 + 4 * 3000  # "created", warm, the names' first call, the rest
+        deadline = time.monotonic() + 10
+        while pub.sent < expected and time.monotonic() < deadline:
+            time.sleep(0.01)  # no flush: the sending thread must have been woken
+        self.assertEqual(pub.sent, expected)
+        for i in range(4):
+            steps = [e["step"] for e in server.stored if e.get("name") == f"t{i}"]
+            self.assertEqual(steps, [0, *range(3000)])
 
 
 class ThreadClockTests(SynchronousTestCase):

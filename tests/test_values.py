@@ -213,9 +213,10 @@ class PublisherLogRulesTests(SynchronousTestCase):
             with self.assertRaises(EventError) as cm:
                 publisher.log({"loss": value}, step=step, time_s=t)
             self.assertEqual((cm.exception.field, cm.exception.detail), (e.field, e.detail))
-            self.assertEqual(len(publisher._pending), 0)
+            self.assertEqual(publisher.queue_depth, 0)
             return
         publisher.log({"loss": value}, step=step, time_s=t)
+        self.assertEqual(publisher.queue_depth, len(expected))  # takes log()'s lock-free inlet
         self.assertEqual(json.dumps(list(publisher._pending)), json.dumps(expected))
         self.assertEqual(
             [type(v) for e in publisher._pending for v in e.values()],

@@ -39,6 +39,12 @@ __all__ = ["Publisher", "Transport"]
 
 _logger = logging.getLogger(__name__)
 
+_time = time.time  # one global lookup less per log()
+_ns = time.perf_counter_ns
+
+#: One ``log()`` call in this many is timed for ``trainstream/log_us``.
+LOG_US_SAMPLE = 16
+
 #: The first retry's delay (seconds); it doubles per failure up to ``max_backoff``.
 RETRY_INITIAL = 0.25
 
@@ -62,7 +68,9 @@ class Publisher(RunAPI):
     :param run: the run's name.
     :param token: the server's bearer token, if it has one.
     :param max_queue: events kept while the server is unreachable; past it
-        the oldest are dropped (``dropped`` counts them).
+        the oldest are dropped (``dropped`` counts them). The bound is
+        applied as the sending thread takes ``log()``'s calls, or once
+        ``batch_size`` calls wait for it.
     :param linger: how batching adapts to the load (Nagle-style). Idle (no
         POST under way, the last one began ``linger`` or more ago), an event
         is sent at once; busy, events gather and go in one POST ``linger``
@@ -140,6 +148,10 @@ class Publisher(RunAPI):
         self.sent = 0
         self.last_error: str | None = None
         self._pending: deque[Event] = deque()
+        # log()'s common calls, ``(run, time, step, {name: number})``, appended
+        # without the lock; the sending thread (or the next _enqueue) turns
+        # them into events in ``_pending`` (``_take_inlet``)
+        self._inlet: deque[tuple[str, float, int, dict[str, Any]]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._in_flight = 0
@@ -155,7 +167,8 @@ class Publisher(RunAPI):
         self._pump_call: DelayedCall | None = None
         self._pump_at = 0.0
         self._last_post = float("-inf")  # when the last POST began (clock time)
-        self._log_ns = 0
+        self._log_ns = 0  # time spent in the timed log() calls
+        self._log_timed = 0
         self._log_calls = 0
         self._own_clock: ThreadClock | None = None
         if clock is None:
@@ -180,20 +193,24 @@ class Publisher(RunAPI):
 
     def log(self, metrics: Mapping[str, Any], step: int, time_s: float | None = None) -> None:
         """Queue one metric event per ``{name: value}``; raises ``EventError`` at once if bad."""
-        started = time.perf_counter_ns()
-        t = time.time() if time_s is None else time_s
+        calls = self._log_calls = self._log_calls + 1
+        started = _ns() if calls % LOG_US_SAMPLE == 1 else 0  # a sample, for log_us
+        t = _time() if time_s is None else time_s
         if plain_log(metrics, step, t, time_s is not None, self._checked_names):
-            run = self.name  # the common call: the events metric_events would make
-            self._enqueue(
-                [
-                    {"type": "metric", "run": run, "time": t, "name": k, "step": step, "value": v}
-                    for k, v in metrics.items()
-                ]
-            )
+            # The common call, queued as it is (floats and ints are
+            # immutable) with no lock: the sending thread makes the events
+            # metric_events would make. plain_log saw a dict.
+            inlet = self._inlet
+            inlet.append((self._name, t, step, metrics.copy()))  # type: ignore[attr-defined]
+            # Appended, then _busy read: _pump clears _busy before it looks
+            # at the inlet (_schedule), so one of the two sees the other.
+            if not self._busy or len(inlet) >= self.batch_size:
+                self._enqueue([])  # wake the sender; a long inlet: bound it here
         else:
-            self._enqueue(metric_events(self.name, metrics, step, t, self._checked_names))
-        self._log_ns += time.perf_counter_ns() - started
-        self._log_calls += 1
+            self._enqueue(metric_events(self._name, metrics, step, t, self._checked_names))
+        if started:
+            self._log_ns += _ns() - started
+            self._log_timed += 1
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is stored; ``False`` on timeout."""
@@ -202,7 +219,7 @@ class Publisher(RunAPI):
             self._flushing += 1
             try:
                 self._schedule(at_once=True)
-                while self._pending or self._in_flight:
+                while self._inlet or self._pending or self._in_flight:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return False
@@ -229,22 +246,44 @@ class Publisher(RunAPI):
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        with self._lock:
+            self._take_inlet()
+            return len(self._pending)
 
     # Queueing
 
     def _enqueue(self, events: list[Event]) -> None:
-        queue = self._pending
         with self._lock:
-            overflow = len(queue) + len(events) - self.max_queue
-            if overflow > 0:
-                for _ in range(min(overflow, len(queue))):
-                    queue.popleft()
-                self.dropped += overflow
-                events = events[-self.max_queue :]
-            queue.extend(events)
+            self._take_inlet()  # first: the events keep the order of the calls
+            self._add(events)
+            queue = self._pending
             if not self._busy or (len(queue) >= self.batch_size and not self._soonest):
                 self._schedule()
+
+    def _add(self, events: list[Event]) -> None:
+        """(With the lock.) Queue ``events``, dropping the oldest past ``max_queue``."""
+        queue = self._pending
+        overflow = len(queue) + len(events) - self.max_queue
+        if overflow > 0:
+            for _ in range(min(overflow, len(queue))):
+                queue.popleft()
+            self.dropped += overflow
+            events = events[-self.max_queue :]
+        queue.extend(events)
+
+    def _take_inlet(self) -> None:
+        """(With the lock.) Turn the calls ``log()`` appended into queued events."""
+        inlet = self._inlet
+        if not inlet:
+            return
+        events: list[Event] = []
+        while inlet:  # log() may append meanwhile; only the lock's holder takes
+            run, t, step, metrics = inlet.popleft()
+            events.extend(
+                {"type": "metric", "run": run, "time": t, "name": k, "step": step, "value": v}
+                for k, v in metrics.items()
+            )
+        self._add(events)
 
     def _schedule(self, at_once: bool = False) -> None:
         """
@@ -254,6 +293,7 @@ class Publisher(RunAPI):
         the backoff's delay, unless ``at_once``. While a batch is being
         sent, its end schedules the next.
         """
+        self._take_inlet()
         if self._sending or self._stopped or not self._pending:
             return
         urgent = (
@@ -282,9 +322,11 @@ class Publisher(RunAPI):
         """Send one batch; keep it, and retry later, if the server is unreachable."""
         with self._lock:
             self._pump_call = None
+            self._take_inlet()
             queue = self._pending
             if not queue:
                 self._busy = False
+                self._schedule()  # what log() appended before it saw _busy cleared
                 return
             batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
             self._in_flight = len(batch)
@@ -327,12 +369,12 @@ class Publisher(RunAPI):
                 self._report_call = self._clock.callLater(self.report_every, self._report)
 
     def _own_metrics(self) -> list[Event]:
-        calls, ns = self._log_calls, self._log_ns
-        self._log_calls = self._log_ns = 0
+        timed, ns = self._log_timed, self._log_ns
+        self._log_timed = self._log_ns = 0
         now = time.time()
         values = {
-            "trainstream/log_us": ns / calls / 1000 if calls else 0.0,
-            "trainstream/queue_depth": len(self._pending),
+            "trainstream/log_us": ns / timed / 1000 if timed else 0.0,
+            "trainstream/queue_depth": self.queue_depth,
             "trainstream/dropped": self.dropped,
         }
         return [
