@@ -138,6 +138,32 @@ class InboxTests(SynchronousTestCase):
         self.assertGreaterEqual(self.inbox.batches, 2.0 / WINDOW / 2)  # and not one in all
         self.assertEqual(self.inbox.wakeups, 1)  # one for the whole busy spell
 
+    def test_a_sink_that_raises_does_not_stop_later_hand_overs(self) -> None:
+        """
+        A batch the sink fails on (a store closing, a bug) is lost and the
+        error goes up to the reactor, which logs it; the events put after it
+        still reach the sink, at once when idle.
+        """
+        failing = [True]
+
+        def sink(batch: list[Event]) -> None:
+            if failing[0]:
+                failing[0] = False
+                raise RuntimeError("the sink failed")
+            self.sink(batch)
+
+        inbox = Inbox(self.reactor, sink, clock=self.clock, window=WINDOW)
+        inbox.put([metric(0, 100.0)])
+        self.assertRaises(RuntimeError, self.reactor.run)
+        inbox.put([metric(1, self.clock.seconds())])  # within the window: its end takes it
+        self.reactor.run()
+        self.clock.advance(WINDOW)
+        self.assertEqual(self.sink.events(), [metric(1, 100.0)])
+        self.clock.advance(1.0)  # idle again
+        inbox.put([metric(2, self.clock.seconds())])
+        self.assertEqual(self.reactor.run(), 1)
+        self.assertEqual([e["step"] for e in self.sink.events()], [1, 2])
+
     def test_the_window_runs_from_the_end_of_a_hand_over(self) -> None:
         """What is put while the hub takes a batch waits for the next window."""
         hub_busy = 0.004

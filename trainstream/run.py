@@ -140,9 +140,15 @@ class Inbox:
     def _hand_over(self, clock: IReactorTime) -> None:
         """Hand the queue over, and take the next at the end of a window (busy)."""
         since = clock.seconds() - self._last
-        taken = self._take()
-        self.wait = busy_wait(taken, since, self.window, self.max_window, self.busy_rate)
-        self._timer = clock.callLater(self.wait, self._window_end)
+        taken = 0
+        try:
+            taken = self._take()
+        finally:
+            # Even when the sink raised (the error goes on to the reactor's
+            # log): the window's end looks again, else the flag stays set and
+            # no later put would wake the reactor.
+            self.wait = busy_wait(taken, since, self.window, self.max_window, self.busy_rate)
+            self._timer = clock.callLater(self.wait, self._window_end)
 
     def drain(self) -> None:
         """Publish everything queued so far (reactor thread only)."""
