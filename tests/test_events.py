@@ -27,6 +27,7 @@ from trainstream.events import (
     EventError,
     Limits,
     UnsupportedMediaType,
+    codec,
     decode_body,
     decode_json,
     encode_event,
@@ -1194,6 +1195,72 @@ class DecodeJsonTests(SynchronousTestCase):
         text = "[{" + inner + ", " + json.dumps(key) + " : 1}]"
         error = self.refused(text.encode())
         self.assertIn(f"duplicate key {json.dumps(key[:40])}"[:30], error.message)
+
+
+class MetricDecodeTests(SynchronousTestCase):
+    """
+    Text that begins with a metric event takes the C decoder with no hook
+    and a count of colons against pairs; duplicates are refused all the same.
+    """
+
+    METRIC = '{"type":"metric","run":"r","time":1.5,"name":"loss","step":1,"value":0.5}'
+
+    def test_a_metric_batch_is_read_without_the_hooked_decoder(self) -> None:
+        class Refusing:
+            def decode(self, text: str) -> NoReturn:
+                raise AssertionError("the hooked decoder was used")
+
+        self.patch(codec, "_decoder", Refusing())
+        batch = f"[{self.METRIC},{self.METRIC}]"
+        self.assertEqual(decode_json(batch.encode()), json.loads(batch))
+        message = f'{{"op":"publish","ref":7,"events":[{self.METRIC}]}}'
+        self.assertEqual(decode_json(message.encode()), json.loads(message))
+
+    def test_duplicates_in_metric_batches_are_refused(self) -> None:
+        m = self.METRIC
+        for text in (
+            f'[{m},{{"type":"metric","run":"a","run":"b"}}]',  # in an event
+            f'[{m[:-1]},"value":1}}]',  # the last key again
+            f'{{"op":"publish","op":"publish","events":[{m}]}}',  # in the message
+            f'{{"op":"publish","events":[{m},{m[:-1]},"step":2}}]}}',
+            f'[{m[:-1]},"x":{{"a":1,"a":2}}}}]',  # nested deeper
+            '[{"type":"metric","run":"a:b","run":"c"}]',  # and a colon in a string
+            '[{"type":"metric","\\u0072un":"a","run":"b"}]',  # an escaped key
+        ):
+            with self.assertRaises(EventError, msg=text) as cm:
+                decode_json(text.encode())
+            self.assertIn("is not valid JSON: duplicate key", cm.exception.detail, text)
+
+    def test_colons_in_strings_and_nested_objects_decode_the_same(self) -> None:
+        m = self.METRIC[:-1]
+        for text in (
+            f'[{m},"tag":"a:b"}}]',
+            f'[{m},"x":{{"y":{{"z":1}}}}}}]',
+            f'[{m}}},{{"type":"log","message":"epoch 1: done"}}]',
+            f'[{m}}}, 1, "s:", [{{"a": 1}}]]',
+        ):
+            self.assertEqual(decode_json(text.encode()), json.loads(text), text)
+
+    @PROPERTY
+    @given(
+        st.dictionaries(st.text(max_size=4), JSON_VALUES, min_size=1, max_size=3),
+        st.data(),
+    )
+    def test_any_duplicate_after_a_metric_refused(
+        self, obj: dict[str, object], data: st.DataObject
+    ) -> None:
+        key = data.draw(st.sampled_from(sorted(obj)))
+        inner = json.dumps(obj)[1:-1]
+        text = f'[{self.METRIC}, {{"type": "metric", {inner}, {json.dumps(key)}: 1}}]'
+        with self.assertRaises(EventError) as cm:
+            decode_json(text.encode())
+        self.assertIn("duplicate key", cm.exception.message)
+
+    @PROPERTY
+    @given(st.lists(JSON_VALUES, max_size=4))
+    def test_same_as_plain_json_after_a_metric(self, values: list[object]) -> None:
+        text = json.dumps([json.loads(self.METRIC), *values])
+        self.assertEqual(decode_json(text.encode()), json.loads(text))
 
 
 class RulesDefinedOnceTests(SynchronousTestCase):

@@ -133,6 +133,40 @@ def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 _decoder = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_object)
+#: The C decoder with no hook: duplicate keys collapse, unseen (see _decode).
+_plain_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+#: How far into the text ``_decode`` looks for a metric event.
+_SNIFF = 300
+
+
+def _decode(text: str) -> object:
+    """
+    ``_decoder.decode(text)``, a quarter faster for the usual batch of
+    metrics: a list of events, or an object whose lists hold them (a
+    WebSocket message), with no nested object and no colon in a string.
+
+    Text that begins with a metric event is read by the plain C decoder,
+    then the pairs of the objects at those levels are counted. Outside
+    strings a colon ends a key, so the text has at least as many colons as
+    pairs, more if a pair is nested deeper or a string holds one, and the
+    count falls short of the pairs by any duplicate. Equal counts: every
+    pair was counted and none collapsed. Anything else (and other text,
+    where strings with colons are common: log lines) is decoded by the
+    hooked decoder, which names the duplicate.
+    """
+    if '"metric"' in text[:_SNIFF]:
+        value = _plain_decoder.decode(text)
+        objects: list[dict[str, object]] = []
+        if type(value) is list:
+            objects = [item for item in value if type(item) is dict]
+        elif type(value) is dict:
+            objects = [value]
+            for member in value.values():
+                if type(member) is list:
+                    objects.extend(item for item in member if type(item) is dict)
+        if text.count(":") == sum(map(len, objects)):
+            return value
+    return _decoder.decode(text)
 
 
 def decode_json(
@@ -161,7 +195,7 @@ def decode_json(
     if not text or text.isspace():
         refuse(f"is empty; send {expected}")
     try:
-        return _decoder.decode(text)
+        return _decode(text)
     except json.JSONDecodeError as e:
         refuse(f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})")
     except _RefusedError as e:
