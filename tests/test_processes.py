@@ -348,6 +348,89 @@ EMBEDDED = PLAIN_BIND_SOURCE + textwrap.dedent(
 )
 
 
+INTERRUPTED = textwrap.dedent(
+    """
+    import json, signal, sys, threading, time
+    import trainstream
+    from trainstream.embedded import StreamServerManager, ensure_reactor_thread
+
+    config = json.loads(sys.argv[1])
+    out = {}
+    ensure_reactor_thread()
+
+    class Watched(StreamServerManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.started = threading.Event()
+
+        async def _acquire(self, config):
+            server = await super()._acquire(config)
+            self.started.set()
+            return server
+
+    def settled(manager):
+        # the start the interrupted call asked for completes, then is released
+        out.setdefault("started", []).append(manager.started.wait(30))
+        deadline = time.monotonic() + 5
+        while (manager.refcount or manager._server is not None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [manager.refcount, manager._server is not None]
+
+    # get() gives up waiting (a timeout) while the server starts
+    slow = Watched(timeout=0.0001)
+    try:
+        slow.get(config)
+        out["timeout"] = "returned"
+    except Exception as e:
+        out["timeout"] = type(e).__name__
+    out["after_timeout"] = settled(slow)
+
+    # Ctrl-C in the main thread while get() waits for the start
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGALRM, interrupt)
+    ctrl_c = Watched()
+    signal.setitimer(signal.ITIMER_REAL, 0.001)
+    try:
+        ctrl_c.get(config)
+        out["ctrl_c"] = "returned"
+    except KeyboardInterrupt:
+        out["ctrl_c"] = "KeyboardInterrupt"
+    out["after_ctrl_c"] = settled(ctrl_c)
+    # and the process-wide manager starts and stops as ever afterwards
+    with trainstream.serve(config) as server:
+        out["serves_after"] = server.listening
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+class InterruptedGetTests(SynchronousTestCase):
+    def test_an_interrupted_get_leaves_no_server_held(self) -> None:
+        """
+        Ctrl-C or a timeout while get_stream_server() waits: the start goes
+        on in the reactor, and what it held is released once started, so
+        the ports are not kept for a caller that never got the server.
+        """
+        config = {"listen": "tcp:0:interface=127.0.0.1", "memory": True}
+        result = subprocess.run(
+            [sys.executable, "-c", INTERRUPTED, json.dumps(config)],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+        out = json.loads(line[len("RESULT ") :])
+        self.assertEqual(out["timeout"], "TimeoutError")
+        self.assertEqual(out["after_timeout"], [0, False])
+        self.assertEqual(out["ctrl_c"], "KeyboardInterrupt")
+        self.assertEqual(out["after_ctrl_c"], [0, False])
+        self.assertEqual(out["started"], [True, True])
+        self.assertTrue(out["serves_after"])
+
+
 class EmbeddedTests(SynchronousTestCase):
     def test_embedded_script(self) -> None:
         """

@@ -20,11 +20,14 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
 from twisted.python import threadable
 
 from trainstream.config import Config
 from trainstream.errors import ConfigConflictError, ReactorThreadError, TrainstreamError
 from trainstream.server import StreamServer, makeService
+
+_log = Logger()
 
 T = TypeVar("T")
 
@@ -220,14 +223,49 @@ class StreamServerManager:
         """Blocking ``acquire``: returns once every port is bound."""
         if config is not None:
             Config.from_value(config)  # a bad config fails here, in the caller's thread
-        server: StreamServer = call_blocking(
-            "get_stream_server()",
-            "manager.acquire(config)",
-            self.acquire,
-            config,
-            timeout=self._timeout,
-        )
+        started: list[Deferred[StreamServer]] = []
+        held: list[bool] = []
+
+        def acquire() -> Deferred[StreamServer]:
+            def hold(server: StreamServer) -> StreamServer:
+                held.append(True)
+                return server
+
+            started.append(self.acquire(config).addCallback(hold))
+            return started[-1]
+
+        try:
+            server: StreamServer = call_blocking(
+                "get_stream_server()",
+                "manager.acquire(config)",
+                acquire,
+                timeout=self._timeout,
+            )
+        except BaseException:
+            # Ctrl-C or a timeout while waiting: the start goes on, and the
+            # caller will never release what it did not get. Release it
+            # once held, in the reactor thread, where ``started`` and
+            # ``held`` are set (its calls run in order: acquire() first).
+            self._in_reactor(lambda: self._release_if_held(started, held))
+            raise
         return server
+
+    def _release_if_held(self, started: list[Deferred[StreamServer]], held: list[bool]) -> None:
+        if not started:
+            return  # interrupted before the acquire was asked for
+
+        def release(_: object) -> Deferred[None] | None:
+            return self.release() if held else None
+
+        started[0].addBoth(release).addErrback(
+            lambda f: _log.failure("releasing an interrupted get_stream_server()", f)
+        )
+
+    def _in_reactor(self, f: Callable[[], None]) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callFromThread(f)
 
     def put(self) -> None:
         """Blocking ``release``: at refcount 0 returns once every port is free."""
