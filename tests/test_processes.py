@@ -35,6 +35,24 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def script_result(
+    source: str, *args: str, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """
+    Run ``python -c source args`` (this tree on its path) and read the JSON
+    of its ``RESULT`` line (``{}`` when there is none: check the return code).
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", source, *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=timeout,
+    )
+    line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return result, {} if line is None else json.loads(line[len("RESULT ") :])
+
+
 class Twistd(ProcessProtocol):
     """Collects a twistd child's output; says when it listens and when it ends."""
 
@@ -413,16 +431,8 @@ class InterruptedGetTests(SynchronousTestCase):
         the ports are not kept for a caller that never got the server.
         """
         config = {"listen": "tcp:0:interface=127.0.0.1", "memory": True}
-        result = subprocess.run(
-            [sys.executable, "-c", INTERRUPTED, json.dumps(config)],
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            timeout=120,
-        )
+        result, out = script_result(INTERRUPTED, json.dumps(config))
         self.assertEqual(result.returncode, 0, result.stderr)
-        line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-        out = json.loads(line[len("RESULT ") :])
         self.assertEqual(out["timeout"], "TimeoutError")
         self.assertEqual(out["after_timeout"], [0, False])
         self.assertEqual(out["ctrl_c"], "KeyboardInterrupt")
@@ -445,16 +455,8 @@ class EmbeddedTests(SynchronousTestCase):
             "rest": "tcp:0:interface=127.0.0.1",
             "memory": True,
         }
-        result = subprocess.run(
-            [sys.executable, "-c", EMBEDDED, json.dumps(config)],
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            timeout=120,
-        )
+        result, out = script_result(EMBEDDED, json.dumps(config))
         self.assertEqual(result.returncode, 0, result.stderr)
-        line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-        out = json.loads(line[len("RESULT ") :])
         self.assertEqual((out["refcount_1"], out["refcount_2"], out["same"]), (1, 2, True))
         self.assertEqual(out["metric_events"], 400)
         self.assertIn("cannot be called from the reactor thread", out["reactor_thread_error"])

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from typing import Any, TypeVar
 
@@ -33,7 +31,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tests.clients import PLAIN_BIND_SOURCE, RawHTTP, SSEClient, WSClient, plain_bind
-from tests.test_processes import child_env, proto_pid, spawn_twistd
+from tests.test_processes import proto_pid, script_result, spawn_twistd
 from trainstream.errors import ConfigError
 from trainstream.listeners import endpoint_string
 from trainstream.server import StreamServer
@@ -516,16 +514,8 @@ class EmbeddedTLSTests(SynchronousTestCase):
         ALPN; after ``release_stream_server()`` the port binds at once.
         """
         certs = Certs(os.path.abspath(self.mktemp()))
-        result = subprocess.run(
-            [sys.executable, "-c", EMBEDDED_TLS, certs.endpoint(), certs.ca_file],
-            capture_output=True,
-            text=True,
-            env=child_env(),
-            timeout=60,
-        )
+        result, out = script_result(EMBEDDED_TLS, certs.endpoint(), certs.ca_file, timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
-        line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-        out = json.loads(line[len("RESULT ") :])
         port = port_of(out["urls"]["rest"])
         self.assertEqual(out["urls"]["sse"], f"https://127.0.0.1:{port}/events")
         self.assertEqual(out["urls"]["ws"], f"wss://127.0.0.1:{port}/ws")
