@@ -196,6 +196,7 @@ class KeepServingTests(TestCase):
 
         data = tempfile.mkdtemp(prefix="trainstream-example-")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_DATA_HOME": data, "HOME": data}
+        env["PYTHONFAULTHANDLER"] = "1"  # a hang's stacks, should it not stop
         child = subprocess.Popen(
             [
                 sys.executable,
@@ -233,7 +234,9 @@ class KeepServingTests(TestCase):
         try:
             _, err = child.communicate(timeout=15)
         except subprocess.TimeoutExpired:
-            self.fail("the example did not stop within 15 s of Ctrl-C")
+            os.killpg(child.pid, signal.SIGABRT)  # faulthandler: every thread's stack
+            _, err = child.communicate(timeout=15)
+            self.fail(f"the example did not stop within 15 s of Ctrl-C:\n{err.decode()[-6000:]}")
         # A press that lands after Python has put back the default handlers
         # (the very end of its exit, all saved by then) ends it as Ctrl-C does.
         codes = (0,) if presses == 1 else (0, -signal.SIGINT)
