@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -407,6 +408,23 @@ class PublisherRulesTests(PublisherTestCase):
         self.server.up = True
         self.clock.advance(1000)  # the next retry sends the newest 50
         self.assertEqual(self.server.steps(), list(range(950, 1000)))
+
+    def test_calls_taken_from_the_inlet_are_kept_if_ctrl_c_lands_meanwhile(self) -> None:
+        pub = self.publisher(linger=1000)
+        pub.log({"loss": 0.0}, step=0)  # checked: "loss" takes the inlet from now on
+        for step in (1, 2):
+            pub.log({"loss": float(step)}, step=step)
+
+        class Interrupted(deque):  # type: ignore[type-arg]
+            def popleft(self) -> Any:
+                item = super().popleft()
+                if self:
+                    return item
+                raise KeyboardInterrupt  # after the first of the two was taken
+
+        pub._inlet = Interrupted(pub._inlet)
+        self.assertRaises(KeyboardInterrupt, pub._enqueue, [])
+        self.assertEqual([e.get("step") for e in pub._pending], [None, 0, 1])
 
     def test_flush_sends_at_once(self) -> None:
         pub = self.publisher(linger=10)

@@ -1231,6 +1231,13 @@ class MetricDecodeTests(SynchronousTestCase):
                 decode_json(text.encode())
             self.assertIn("is not valid JSON: duplicate key", cm.exception.detail, text)
 
+    def test_a_duplicate_is_named_before_a_later_fault(self) -> None:
+        for tail in (", x", ", NaN]"):
+            text = '[{"type":"metric","a":1,"a":2}' + tail
+            with self.assertRaises(EventError) as cm:
+                decode_json(text.encode())
+            self.assertIn('duplicate key "a"', cm.exception.detail, text)
+
     def test_colons_in_strings_and_nested_objects_decode_the_same(self) -> None:
         m = self.METRIC[:-1]
         for text in (

@@ -262,10 +262,10 @@ class StreamServerManager:
         )
 
     def _in_reactor(self, f: Callable[[], None]) -> None:
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        reactor.callFromThread(f)
+        """``f`` in the reactor thread, after what ``call_blocking`` asked of it."""
+        from twisted.internet import reactor  # crochet's: call_blocking's calls run in order
+
+        reactor.callFromThread(f)  # type: ignore[attr-defined]
 
     def put(self) -> None:
         """Blocking ``release``: at refcount 0 returns once every port is free."""

@@ -277,13 +277,15 @@ class Publisher(RunAPI):
         if not inlet:
             return
         events: list[Event] = []
-        while inlet:  # log() may append meanwhile; only the lock's holder takes
-            run, t, step, metrics = inlet.popleft()
-            events.extend(
-                {"type": "metric", "run": run, "time": t, "name": k, "step": step, "value": v}
-                for k, v in metrics.items()
-            )
-        self._add(events)
+        try:
+            while inlet:  # log() may append meanwhile; only the lock's holder takes
+                run, t, step, metrics = inlet.popleft()
+                events.extend(
+                    {"type": "metric", "run": run, "time": t, "name": k, "step": step, "value": v}
+                    for k, v in metrics.items()
+                )
+        finally:
+            self._add(events)  # what was taken is kept, even if Ctrl-C lands in the loop
 
     def _schedule(self, at_once: bool = False) -> None:
         """

@@ -152,10 +152,14 @@ def _decode(text: str) -> object:
     count falls short of the pairs by any duplicate. Equal counts: every
     pair was counted and none collapsed. Anything else (and other text,
     where strings with colons are common: log lines) is decoded by the
-    hooked decoder, which names the duplicate.
+    hooked decoder, which names the duplicate; a batch that begins with a
+    metric and then fails the count is decoded twice.
     """
     if '"metric"' in text[:_SNIFF]:
-        value = _plain_decoder.decode(text)
+        try:
+            value = _plain_decoder.decode(text)
+        except ValueError:
+            return _decoder.decode(text)  # its error names a duplicate before a later fault
         objects: list[dict[str, object]] = []
         if type(value) is list:
             objects = [item for item in value if type(item) is dict]
