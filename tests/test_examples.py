@@ -9,6 +9,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,37 @@ class KeepServingTests(TestCase):
         self.patch(embedded._manager, "is_server_running", lambda: True)
         self.patch(sys, "stdout", InterruptedStdout())
         embedded.keep_serving("serving http://127.0.0.1:1/ until Ctrl-C")  # returns
+
+    def test_a_ctrl_c_the_kernel_gives_another_thread_still_stops_it(self) -> None:
+        """
+        A process-wide SIGINT may be delivered to any thread; Python runs its
+        handler in the main thread, which keep_serving must wake to see.
+        """
+        import subprocess
+
+        script = textwrap.dedent(
+            """
+            import signal, threading, time
+            import trainstream
+
+            def press():
+                time.sleep(0.5)  # keep_serving waits by then
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this thread
+
+            with trainstream.serve({"listen": "tcp:0:interface=127.0.0.1", "memory": True}):
+                threading.Thread(target=press, daemon=True).start()
+                trainstream.keep_serving()
+            print("stopped")
+            """
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=30
+            )
+        except subprocess.TimeoutExpired:
+            self.fail("keep_serving() did not see a Ctrl-C delivered to another thread")
+        self.assertEqual((result.returncode, result.stdout), (0, "stopped\n"), result.stderr)
 
     def test_plain_loop_keeps_serving_until_ctrl_c(self) -> None:
         self.keep_serving_until(presses=1)

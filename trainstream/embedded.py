@@ -349,7 +349,13 @@ def keep_serving(message: str | None = None) -> None:
         try:
             if message is not None:
                 print(message, flush=True)
-            threading.Event().wait()
+            forever = threading.Event()
+            # Woken now and then: the kernel may hand a Ctrl-C to another
+            # thread, and Python then runs its handler (KeyboardInterrupt)
+            # only once the main thread wakes; a wait with no timeout never
+            # would (seen in CI: three Ctrl-C, the main thread still waiting).
+            while not forever.wait(_SIGNAL_CHECK):
+                pass
         except KeyboardInterrupt:
             pass
         finally:
@@ -360,6 +366,10 @@ def keep_serving(message: str | None = None) -> None:
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+#: Seconds between the main thread's looks for a signal in ``keep_serving``.
+_SIGNAL_CHECK = 0.2
 
 
 def _stopping(signum: int, frame: object) -> None:
