@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from trainstream.api import BUSY_RATE, Event, RunAPI, busy_wait
-from trainstream.events import metric_events, plain_log
+from trainstream.events import metric_events, plain_events, plain_log
 
 _time = time.time  # one global lookup less per Run.log
 
@@ -166,18 +166,7 @@ class Inbox:
         while queue:
             item = queue.popleft()
             if isinstance(item, tuple):
-                run, t, step, metrics = item
-                batch.extend(
-                    {
-                        "type": "metric",
-                        "run": run,
-                        "time": t,
-                        "name": name,
-                        "step": step,
-                        "value": value,
-                    }
-                    for name, value in metrics.items()
-                )
+                batch.extend(plain_events(*item))
             else:
                 batch.extend(item)
                 checked = False

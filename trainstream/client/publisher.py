@@ -33,7 +33,7 @@ from trainstream.api import BUSY_RATE, Event, RunAPI, busy_wait
 from trainstream.client.backoff import Backoff
 from trainstream.client.clock import DelayedCall, Scheduler, ThreadClock
 from trainstream.client.http import UNREACHABLE, KeepAlive, decode, headers, parse_endpoint
-from trainstream.events import encode_json, metric_events, plain_log
+from trainstream.events import encode_json, metric_events, plain_events, plain_log
 
 __all__ = ["Publisher", "Transport"]
 
@@ -279,11 +279,7 @@ class Publisher(RunAPI):
         events: list[Event] = []
         try:
             while inlet:  # log() may append meanwhile; only the lock's holder takes
-                run, t, step, metrics = inlet.popleft()
-                events.extend(
-                    {"type": "metric", "run": run, "time": t, "name": k, "step": step, "value": v}
-                    for k, v in metrics.items()
-                )
+                events.extend(plain_events(*inlet.popleft()))
         finally:
             self._add(events)  # what was taken is kept, even if Ctrl-C lands in the loop
 

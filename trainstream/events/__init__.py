@@ -46,6 +46,7 @@ from trainstream.events.rules import (
 )
 from trainstream.events.validate import (
     metric_events,
+    plain_events,
     plain_log,
     validate_event,
     validate_events,
@@ -77,6 +78,7 @@ __all__ = [
     "encode_json",
     "metric_events",
     "non_finite_name",
+    "plain_events",
     "plain_log",
     "validate_event",
     "validate_events",

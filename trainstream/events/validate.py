@@ -26,8 +26,8 @@ import json
 import math
 import numbers
 import time
-from collections.abc import Callable, Mapping
-from typing import NoReturn, cast
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NoReturn, cast
 
 from trainstream.events.codec import encode_event, encode_json
 from trainstream.events.media import CHECKERS as MEDIA_CHECKERS, NAMED as MEDIA_NAMED
@@ -478,6 +478,20 @@ def plain_log(
         ):
             return False
     return True
+
+
+def plain_events(
+    run: str, t: float, step: int, metrics: dict[str, Any]
+) -> Iterator[dict[str, object]]:
+    """
+    The metric events of a call :func:`plain_log` passed, as ``Run.log`` and
+    ``Publisher.log`` queue it (``(run, t, step, metrics)``): what
+    :func:`metric_events` would make, with no check.
+    """
+    return (
+        {"type": "metric", "run": run, "time": t, "name": name, "step": step, "value": value}
+        for name, value in metrics.items()
+    )
 
 
 def metric_events(
