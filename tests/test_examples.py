@@ -153,6 +153,17 @@ class KeepServingTests(TestCase):
 
     timeout = 120
 
+    def setUp(self) -> None:
+        import signal
+
+        # Started in the background by a shell without job control (a CI
+        # runner's `cmd &`), this process ignores SIGINT, and so would the
+        # children it starts. A handler of its own is reset to the default
+        # in a child: Ctrl-C reaches the examples as it does in a terminal.
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.addCleanup(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
     def test_ctrl_c_while_the_banner_is_written_ends_quietly(self) -> None:
         """
         The banner is printed once Ctrl-C is caught: a Ctrl-C that lands while

@@ -382,6 +382,9 @@ INTERRUPTED = textwrap.dedent(
             self.started = threading.Event()
 
         async def _acquire(self, config):
+            from twisted.internet import reactor
+            from twisted.internet.task import deferLater
+            await deferLater(reactor, 0.5, lambda: None)  # the caller stops waiting first
             server = await super()._acquire(config)
             self.started.set()
             return server
