@@ -148,21 +148,22 @@ class ExampleErrorTests(TestCase):
         return Deferred.fromCoroutine(go())
 
 
+def signal_state(pid: int) -> str:
+    """A process's blocked, ignored and caught signal masks (``/proc``), for a failure's message."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            lines = [
+                line.strip() for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt"))
+            ]
+    except OSError as e:
+        return f"pid {pid}: no /proc status ({e})"
+    return f"pid {pid}: " + ", ".join(lines)
+
+
 class KeepServingTests(TestCase):
     """``--keep-serving``: the dashboard outlives the training loop until Ctrl-C."""
 
     timeout = 120
-
-    def setUp(self) -> None:
-        import signal
-
-        # Started in the background by a shell without job control (a CI
-        # runner's `cmd &`), this process ignores SIGINT, and so would the
-        # children it starts. A handler of its own is reset to the default
-        # in a child: Ctrl-C reaches the examples as it does in a terminal.
-        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.addCleanup(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
     def test_ctrl_c_while_the_banner_is_written_ends_quietly(self) -> None:
         """
@@ -205,13 +206,20 @@ class KeepServingTests(TestCase):
             """
         )
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        child = subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.addCleanup(lambda: child.poll() is None and child.kill())
         try:
-            result = subprocess.run(
-                [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=30
-            )
+            out, err = child.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            self.fail("keep_serving() did not see a Ctrl-C delivered to another thread")
-        self.assertEqual((result.returncode, result.stdout), (0, "stopped\n"), result.stderr)
+            state = signal_state(child.pid)
+            self.fail(f"keep_serving() did not see a Ctrl-C delivered to another thread; {state}")
+        self.assertEqual((child.returncode, out), (0, "stopped\n"), err)
 
     def test_plain_loop_keeps_serving_until_ctrl_c(self) -> None:
         self.keep_serving_until(presses=1)
@@ -277,9 +285,13 @@ class KeepServingTests(TestCase):
         try:
             _, err = child.communicate(timeout=15)
         except subprocess.TimeoutExpired:
+            state = signal_state(child.pid)  # SIGINT blocked or ignored in it?
             os.killpg(child.pid, signal.SIGABRT)  # faulthandler: every thread's stack
             _, err = child.communicate(timeout=15)
-            self.fail(f"the example did not stop within 15 s of Ctrl-C:\n{err.decode()[-6000:]}")
+            self.fail(
+                f"the example did not stop within 15 s of Ctrl-C; {state}; "
+                f"this process: {signal_state(os.getpid())}\n{err.decode()[-6000:]}"
+            )
         # A press that lands after Python has put back the default handlers
         # (the very end of its exit, all saved by then) ends it as Ctrl-C does.
         codes = (0,) if presses == 1 else (0, -signal.SIGINT)
