@@ -171,8 +171,13 @@ class KeepServingTests(TestCase):
         it is being written (as a fast user's or a test's can) is no traceback.
         """
         import io
+        import signal
 
         from trainstream import embedded
+
+        self.addCleanup(
+            signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)
+        )  # it sets one
 
         class InterruptedStdout(io.StringIO):
             def write(self, text: str) -> int:
