@@ -175,9 +175,8 @@ class KeepServingTests(TestCase):
 
         from trainstream import embedded
 
-        self.addCleanup(
-            signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)
-        )  # it sets one
+        # keep_serving() leaves a SIGINT handler of its own: the later tests need theirs back
+        self.addCleanup(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT))
 
         class InterruptedStdout(io.StringIO):
             def write(self, text: str) -> int:
