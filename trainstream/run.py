@@ -248,7 +248,8 @@ class Run(RunAPI):
                     inbox._call_from_thread(inbox._wake)
                 return
         t = _time() if time_s is None else time_s
-        if plain_log(metrics, step, t, time_s is not None, self._checked_names):
+        # Without a time, plain_log would only repeat the checks just failed.
+        if time_s is not None and plain_log(metrics, step, t, True, self._checked_names):
             self._inbox.put_metrics((self._name, t, step, metrics.copy()))  # type: ignore[attr-defined]
             return
         # Anything else, valid or not, takes metric_events, which applies every rule.
