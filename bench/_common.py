@@ -47,12 +47,17 @@ def summary_line(label: str, values_ms: Sequence[float]) -> str:
     )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (``os.cpu_count()`` where that cannot be asked)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def machine_lines() -> list[str]:
     """What the figures were measured on."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 0
+    usable = usable_cores()
     return [
         f"machine: nproc={usable} (cpu_count={os.cpu_count()}), {platform.machine()}, "
         f"{platform.system()} {platform.release()}",

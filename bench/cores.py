@@ -15,13 +15,12 @@ figures and never fails on them::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from _common import machine_lines
+from _common import machine_lines, usable_cores
 
 
 def spin(loops: int) -> float:
@@ -40,10 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = max(1, min(args.rounds, 50))
     loops = max(100_000, min(args.loops, 200_000_000))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     print("cores: one busy process alone, then one per usable core at once")
     for line in machine_lines():
         print("  " + line)
