@@ -492,7 +492,52 @@ class PublisherRulesTests(PublisherTestCase):
         self.assertEqual(pub.last_error, "server answered 401: a token is needed")
         self.assertEqual(pub.queue_depth, 1)  # kept for when the token is right
 
+    def test_a_refused_token_is_said_once_and_no_flush_waits_for_it(self) -> None:
+        """
+        A 401 will not pass by waiting: one warning says so (not one per
+        retry), ``flush`` returns ``False`` at once instead of at its
+        timeout, and ``close`` says how many events were not delivered.
+        Once the server takes the token, a warning says that too.
+        """
+        self.server.answer = lambda events: (401, b'{"error": "missing or wrong token"}')
+        pub = self.publisher(token="nope")
+        pub.log({"loss": 0.5}, step=0)
+        with self.assertLogs("trainstream.client", "WARNING") as said:
+            for _ in range(8):
+                self.clock.advance(0.25)
+        self.assertGreater(len(self.server.posts), 3)
+        (line,) = said.output
+        self.assertIn("h:1 refused the token (server answered 401: missing or wrong token)", line)
+        self.assertIn("set $TRAINSTREAM_TOKEN", line)
+        started = time.monotonic()
+        self.assertFalse(pub.flush(timeout=30))
+        self.assertLess(time.monotonic() - started, 5)
+        self.server.answer = lambda events: (200, b"{}")
+        with self.assertLogs("trainstream.client", "WARNING") as said:
+            self.clock.advance(2.0)
+        self.assertIn("h:1 takes events again", said.output[0])
+        self.assertIsNone(pub.refused)
+        self.assertEqual(self.server.steps(), [0])
+
+    def test_close_says_what_was_not_delivered(self) -> None:
+        self.server.up = False
+        pub = self.publisher(max_queue=3)
+        for step in range(4):
+            pub.log({"loss": 0.5}, step=step)
+        with self.assertLogs("trainstream.client", "WARNING") as said:
+            for _ in range(8):
+                self.clock.advance(0.25)
+            self.assertFalse(pub.close(timeout=0))
+            self.clock.advance(0)
+        self.assertEqual(len(said.output), 2, said.output)
+        self.assertIn("h:1 unreachable", said.output[0])
+        self.assertIn(
+            "5 events not delivered to h:1, 2 dropped from the full queue before", said.output[1]
+        )
+        self.assertEqual(pub.undelivered, 3)
+
     def test_its_own_metrics(self) -> None:
+        """Reported at the run's latest step: the axis of its metrics, not the clock."""
         pub = self.publisher(report_every=10)
         pub.log({"loss": 0.5}, step=0)
         self.clock.advance(0.25)
@@ -507,9 +552,14 @@ class PublisherRulesTests(PublisherTestCase):
             e["value"] for e in self.server.stored if e.get("name") == "trainstream/log_us"
         )
         self.assertGreater(log_us, 0)
+        pub.log({"loss": 0.5}, step=41)
         self.clock.advance(10)
         self.clock.advance(0.25)
-        self.assertEqual(len(self.server.stored), 2 + 3 + 3)  # every report_every
+        self.assertEqual(len(self.server.stored), 2 + 3 + 1 + 3)  # every report_every
+        steps = [
+            e["step"] for e in self.server.stored if e.get("name", "").startswith("trainstream/")
+        ]
+        self.assertEqual(steps, [0, 0, 0, 41, 41, 41])
 
 
 class PublisherThreadTests(SynchronousTestCase):

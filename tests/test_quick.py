@@ -26,7 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.clients import ANY_PORTS
+from tests.clients import ANY_PORTS, free_port
 from trainstream.api import Event, RunAPI
 from trainstream.integrations import _failure
 from trainstream.server import StreamServer
@@ -403,6 +403,78 @@ class TokenServerTests(RemoteTestCase):
             out = await self.child(code, self.url, TRAINSTREAM_TOKEN="s3cret")
             self.assertEqual(out.stdout.split(), ["found"], out.stderr)
             self.assertEqual(statuses(self.events("tok-run"), "tok-run")[-1][0], "finished")
+
+        return Deferred.fromCoroutine(go())
+
+    def test_env_url_with_a_wrong_token_fails_at_init(self) -> None:
+        """
+        ``$TRAINSTREAM_URL`` to a server whose token was not given (or not
+        its own): ``init()`` says so at once, rather than a run whose every
+        event is refused in silence; the right token works.
+        """
+
+        async def go() -> None:
+            code = """
+                import trainstream
+                try:
+                    trainstream.init("env-tok")
+                except trainstream.TrainstreamError as e:
+                    print("error:", e)
+                else:
+                    trainstream.log({"loss": 1.0})
+                    trainstream.finish()
+                    print("ok")
+                """
+            for token, said in (("", "none was given"), ("nope", "refused the one given")):
+                out = await self.child(code, TRAINSTREAM_URL=self.url, TRAINSTREAM_TOKEN=token)
+                self.assertEqual(out.returncode, 0, out.stderr)
+                self.assertIn(
+                    f"the trainstream server at {self.url} ($TRAINSTREAM_URL={self.url}) "
+                    f"needs a token and {said} (HTTP 401): set $TRAINSTREAM_TOKEN",
+                    out.stdout,
+                )
+                self.assertEqual(out.stderr, "")
+            out = await self.child(code, TRAINSTREAM_URL=self.url, TRAINSTREAM_TOKEN="s3cret")
+            self.assertEqual((out.stdout, out.stderr), ("ok\n", ""))
+            self.assertEqual(self.events("env-tok")[-1]["state"], "finished")
+
+        return Deferred.fromCoroutine(go())
+
+
+class UnreachableServerTests(TestCase):
+    timeout = 120
+
+    def test_nothing_answers_at_the_env_url(self) -> None:
+        """
+        ``$TRAINSTREAM_URL`` where nothing listens: the training goes on,
+        but stderr says at once that events wait, what ``finish()`` waits
+        for once it has waited a second, and how many events were never
+        delivered (before this, the run vanished in silence).
+        """
+        port = free_port()
+
+        async def go() -> None:
+            code = """
+                import trainstream
+                run = trainstream.init("lost", flush_timeout=1.5)
+                for step in range(5):
+                    trainstream.log({"loss": 1.0})
+                trainstream.finish()
+                print("done", run.sink.undelivered)
+                """
+            out = await deferToThread(
+                run_child, code, env={"TRAINSTREAM_URL": f"http://127.0.0.1:{port}"}
+            )
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertEqual(out.stdout, "done 8\n")  # created, running, 5 metrics, finished
+            lines = out.stderr.splitlines()
+            self.assertEqual(len(lines), 3, out.stderr)
+            self.assertIn(f"publisher lost: 127.0.0.1:{port} unreachable", lines[0])
+            self.assertIn("events are kept (up to 100,000) and sent again", lines[0])
+            self.assertIn(
+                f"waiting up to 0.5 s more for 127.0.0.1:{port} to take 8 events", lines[1]
+            )
+            self.assertIn(f"8 events not delivered to 127.0.0.1:{port}", lines[2])
 
         return Deferred.fromCoroutine(go())
 

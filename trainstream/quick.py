@@ -46,6 +46,7 @@ run's live dashboard inline (:mod:`trainstream.notebook`).
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import secrets
 import sys
@@ -81,6 +82,7 @@ DISCOVER_URL = "http://127.0.0.1:8890"
 #: Seconds the probe of :data:`DISCOVER_URL` waits for an answer.
 DISCOVER_TIMEOUT = 0.5
 _WHO = "trainstream.init()"
+_logger = logging.getLogger(__name__)
 
 _lock = threading.RLock()
 _current: CurrentRun | None = None
@@ -166,6 +168,46 @@ def _check_token(base: str, token: str | None) -> None:
         pass  # gone since the probe: the publisher retries, and says why
 
 
+def _check_remote(url: str, token: str | None, how: str) -> None:
+    """
+    The server named by ``url=`` or ``$TRAINSTREAM_URL``, asked once: a
+    refused token is an error (no event would ever be taken); something
+    that is not trainstream answering is a warning. Nothing answering is
+    the publisher's to say (it keeps the events and retries).
+    """
+    from trainstream.client.http import (
+        HTTP,
+        TOKEN_ENV,
+        UNREACHABLE,
+        ClientError,
+        parse_endpoint,
+    )
+
+    endpoint = parse_endpoint(url)
+    named = f"${URL_ENV}={url}" if how == "env" else f"url={url!r}"
+    try:
+        status, body = HTTP(endpoint, token, DISCOVER_TIMEOUT * 4).get_json("/api")
+    except ClientError:
+        given = "none was given" if not token else "refused the one given"
+        raise TrainstreamError(
+            f"{_WHO}: the trainstream server at {endpoint.base} ({named}) needs a token "
+            f"and {given} (HTTP 401): set ${TOKEN_ENV} (or pass token=) to the server's "
+            "token"
+        ) from None
+    except UNREACHABLE:
+        return  # the publisher says so at its first POST, keeps the events and retries
+    if status != 200 or not isinstance(body, dict):
+        _logger.warning(
+            "%s: what answers at %s (%s) does not look like a trainstream server "
+            "(GET %s/api: HTTP %s); events sent there may be lost",
+            _WHO,
+            endpoint.base,
+            named,
+            endpoint.prefix,
+            status,
+        )
+
+
 def _where(
     url: str | None, token: str | None, server_config: Any
 ) -> tuple[str | None, str | None, Any, str]:
@@ -241,6 +283,8 @@ def init(
                 return current
             _end(current)
         url, token, server_config, how = _where(url, token, server_config)
+        if how in ("url", "env") and url is not None:
+            _check_remote(url, token, how)
         name = default_name() if run is None else run
         made = open_run(
             name,

@@ -45,6 +45,9 @@ _ns = time.perf_counter_ns
 #: One ``log()`` call in this many is timed for ``trainstream/log_us``.
 LOG_US_SAMPLE = 16
 
+#: Seconds ``close`` waits in silence before it says what it waits for.
+CLOSE_QUIET = 1.0
+
 #: The first retry's delay (seconds); it doubles per failure up to ``max_backoff``.
 RETRY_INITIAL = 0.25
 
@@ -146,7 +149,18 @@ class Publisher(RunAPI):
         self.rejected_events: deque[tuple[Event, str]] = deque(maxlen=100)
         #: events the server acknowledged (stored)
         self.sent = 0
+        #: why the last POST failed (``None`` after one that succeeded)
         self.last_error: str | None = None
+        #: the server's answer to a refused token (401 or 403), until one
+        #: is taken: ``flush`` stops waiting then (sending goes on)
+        self.refused: str | None = None
+        #: what was left unsent when :meth:`close` returned (``None`` before)
+        self.undelivered: int | None = None
+        # why the retries are ("" for none: "unreachable", or the server's
+        # status), said once when it starts and once when it ends (``_say``)
+        self._failing = ""
+        self._retry_status = ""
+        self._step = 0  # the latest step logged: the publisher's own metrics use it
         self._pending: deque[Event] = deque()
         # log()'s common calls, ``(run, time, step, {name: number})``, appended
         # without the lock; the sending thread (or the next _enqueue) turns
@@ -221,16 +235,41 @@ class Publisher(RunAPI):
                 self._schedule(at_once=True)
                 while self._inlet or self._pending or self._in_flight:
                     remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return False
+                    if (remaining is not None and remaining <= 0) or (
+                        self.refused is not None and not self._sending
+                    ):
+                        return False  # (a refused token: waiting would not help)
                     self._wake.wait(remaining if remaining is not None else 1.0)
             finally:
                 self._flushing -= 1
         return True
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Flush (bounded), make a last attempt with what is left, stop sending."""
-        flushed = self.flush(timeout)
+        """
+        Flush (bounded), make a last attempt with what is left, stop sending.
+        What could not be delivered is counted in :attr:`undelivered` and
+        said in a warning, with the last error.
+        """
+        with self._lock:
+            if self._report_call is not None and self._report_call.active():
+                self._report_call.cancel()  # no more of its own metrics while it waits
+        first = CLOSE_QUIET if timeout is None else min(timeout, CLOSE_QUIET)
+        flushed = self.flush(first)
+        if not flushed and self.refused is None and (timeout is None or timeout > first):
+            with self._lock:
+                self._take_inlet()
+                waiting = len(self._pending) + self._in_flight
+            rest = None if timeout is None else timeout - first
+            _logger.warning(
+                "trainstream publisher %s: waiting %sfor %s:%s to take %d events (%s)",
+                self.name,
+                "" if rest is None else f"up to {rest:g} s more ",
+                self.endpoint.host,
+                self.endpoint.port,
+                waiting,
+                self.last_error or "no answer yet",
+            )
+            flushed = self.flush(rest)
         with self._wake:
             self._closing = True
             if self._report_call is not None and self._report_call.active():
@@ -242,7 +281,21 @@ class Publisher(RunAPI):
         elif self._own_clock.stop(timeout):
             self._stopped = True
             self._transport.close()
-        return flushed
+        with self._lock:
+            self._take_inlet()
+            left = self.undelivered = len(self._pending) + self._in_flight
+        if left or self.dropped:
+            dropped = f", {self.dropped} dropped from the full queue before" if self.dropped else ""
+            _logger.warning(
+                "trainstream publisher %s: %d events not delivered to %s:%s%s (last error: %s)",
+                self.name,
+                left + self.dropped,
+                self.endpoint.host,
+                self.endpoint.port,
+                dropped,
+                self.last_error or "not sent in time",
+            )
+        return flushed and not left
 
     @property
     def queue_depth(self) -> int:
@@ -255,6 +308,8 @@ class Publisher(RunAPI):
     def _enqueue(self, events: list[Event]) -> None:
         with self._lock:
             self._take_inlet()  # first: the events keep the order of the calls
+            if events and events[-1]["type"] == "metric":
+                self._step = events[-1]["step"]  # type: ignore[assignment]
             self._add(events)
             queue = self._pending
             if not self._busy or (len(queue) >= self.batch_size and not self._soonest):
@@ -279,7 +334,9 @@ class Publisher(RunAPI):
         events: list[Event] = []
         try:
             while inlet:  # log() may append meanwhile; only the lock's holder takes
-                events.extend(plain_events(*inlet.popleft()))
+                call = inlet.popleft()
+                events.extend(plain_events(*call))
+            self._step = call[2]
         finally:
             self._add(events)  # what was taken is kept, even if Ctrl-C lands in the loop
 
@@ -338,6 +395,7 @@ class Publisher(RunAPI):
             _logger.exception("trainstream publisher %s: sending failed", self.name)
             self._reject(batch, f"not sent: {e!r}")
             unsent = []
+        self._say(unsent)
         with self._wake:
             self._sending = False
             if unsent:  # keep them, oldest first, within the bound
@@ -355,6 +413,33 @@ class Publisher(RunAPI):
             if not (unsent and self._closing):  # closing: that was the last attempt
                 self._schedule()
 
+    def _say(self, unsent: list[Event]) -> None:
+        """A warning when retries start (or their reason changes), and when they end."""
+        failing = self._retry_status if unsent else ""
+        if failing == self._failing:
+            return
+        was, self._failing = self._failing, failing
+        where = f"{self.endpoint.host}:{self.endpoint.port}"
+        if not failing:
+            _logger.warning("trainstream publisher %s: %s takes events again", self.name, where)
+        elif failing in ("401", "403"):
+            _logger.warning(
+                "trainstream publisher %s: %s refused the token (%s): set $TRAINSTREAM_TOKEN "
+                "(or token=) to the server's; events are kept (up to %s) and retried",
+                self.name,
+                where,
+                self.last_error,
+                f"{self.max_queue:,}",
+            )
+        elif not was:
+            _logger.warning(
+                "trainstream publisher %s: %s; events are kept (up to %s) and sent again "
+                "when it answers",
+                self.name,
+                self.last_error,
+                f"{self.max_queue:,}",
+            )
+
     def _adapt(self, events: int, since: float) -> None:
         """The next wait, from the rate of the batch just taken (``since`` the last POST began)."""
         self.wait = busy_wait(events, since, self.linger, self.max_linger, self.busy_rate)
@@ -370,6 +455,7 @@ class Publisher(RunAPI):
         timed, ns = self._log_timed, self._log_ns
         self._log_timed = self._log_ns = 0
         now = time.time()
+        step = self._step  # the run's latest: the same axis as its own metrics
         values = {
             "trainstream/log_us": ns / timed / 1000 if timed else 0.0,
             "trainstream/queue_depth": self.queue_depth,
@@ -381,7 +467,7 @@ class Publisher(RunAPI):
                 "run": self.name,
                 "time": now,
                 "name": name,
-                "step": int(now),
+                "step": step,
                 "value": value,
             }
             for name, value in values.items()
@@ -400,10 +486,11 @@ class Publisher(RunAPI):
         while batch:
             status, answer = self._post(batch)
             if status is None:
+                self._retry_status = "unreachable"
                 return batch  # unreachable: retry later
             if status == 200:
                 self.sent += len(batch)
-                self.last_error = None
+                self.last_error = self.refused = None
                 return []
             body = decode(answer)
             if isinstance(body, dict) and "error" in body:
@@ -420,6 +507,9 @@ class Publisher(RunAPI):
                 continue
             if status not in (400, 413):
                 self._transport.close()
+                self._retry_status = str(status)
+                if status in (401, 403):
+                    self.refused = self.last_error
                 return batch  # 401 (token), 5xx: retry later
             index = body.get("index") if isinstance(body, dict) else None
             if type(index) is not int or not 0 <= index < len(batch) or len(batch) == 1:
