@@ -141,6 +141,8 @@ class ConfigChecksItselfTests(SynchronousTestCase):
             {"retry_ms": 0},
             {"memory": "yes"},
             {"sse": 8888},
+            {"db": ":memory:"},  # once: a writer process with a database of its own, all lost
+            {"db": ""},
         ):
             with self.assertRaises(ConfigError) as caught:
                 Config(**bad)  # type: ignore[arg-type]

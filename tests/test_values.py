@@ -99,6 +99,35 @@ class RunLogRulesTests(SynchronousTestCase):
         self.assertIn('metric "acc"', str(cm.exception))
         self.assertEqual((self.reactor.calls, len(self.inbox._queue)), ([], 0))
 
+    def test_what_is_no_dict_of_numbers_is_said(self) -> None:
+        """
+        ``log(0.5)``, ``log([("a", 1.0)])`` once raised a bare
+        AttributeError; a numpy bool was taken as 1.0 where ``True`` is
+        refused; a status with a bad epoch said "event 0", not the run.
+        """
+        numpy = __import__("numpy")
+        for metrics, shown in ((0.5, "0.5"), ([("a", 1.0)], "an array"), (None, "null")):
+            with self.assertRaises(EventError) as cm:
+                self.training.log(metrics, step=1)  # type: ignore[arg-type]
+            self.assertEqual(
+                str(cm.exception), f'run "r": log() takes a dict of {{name: number}}, got {shown}'
+            )
+        with self.assertRaises(EventError) as cm:
+            self.training.log({"ok": numpy.bool_(True)}, step=1)
+        self.assertIn('metric "ok": field "value" must be a number', str(cm.exception))
+        self.assertIn("got a Python numpy.bool", str(cm.exception))
+        self.training.log({"ok": numpy.float32(0.5), "n": numpy.int64(3)}, step=1)  # numbers pass
+        for call, said in (
+            (lambda: self.training.status("running", epoch="x"), 'status event: field "epoch"'),
+            (lambda: self.training.text("hi", level="loud"), 'log event: field "level"'),
+            (lambda: self.training.hparams([1]), "hparams() takes a dict, got an array"),
+        ):
+            with self.assertRaises(EventError) as cm:
+                call()  # type: ignore[no-untyped-call]
+            self.assertTrue(str(cm.exception).startswith('run "r"'), str(cm.exception))
+            self.assertIn(said, str(cm.exception))
+        self.assertEqual(len(self.reactor.calls), 1)  # only the numpy numbers
+
     def test_the_edges_of_the_range_are_taken(self) -> None:
         self.training.log({"loss": 2**63 - 1}, step=2**63 - 1, time_s=0.0)
         self.training.log({"loss": -(2**63)}, step=1, time_s=5)  # an int time: a float event time

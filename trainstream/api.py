@@ -22,7 +22,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from trainstream.events import metric_events, validate_event
+from trainstream.events import EventError, metric_events, validate_event
+from trainstream.events.rules import show
 
 __all__ = ["BUSY_RATE", "Event", "RunAPI", "busy_wait"]
 
@@ -94,19 +95,30 @@ class RunAPI(abc.ABC):
             event["epoch"] = epoch
         if message is not None:
             event["message"] = message
-        self._enqueue([validate_event(event)])
+        self._enqueue([self._checked(event)])
 
     def text(self, message: str, level: str = "info") -> None:
         """Queue a log line (``level``: ``debug``, ``info``, ``warning``, ``error``)."""
         self._enqueue(
-            [validate_event({"type": "log", "run": self.name, "level": level, "message": message})]
+            [self._checked({"type": "log", "run": self.name, "level": level, "message": message})]
         )
 
     def hparams(self, params: Mapping[str, object]) -> None:
         """Queue the run's hyperparameters (names to strings, numbers, bools or ``None``)."""
+        if not isinstance(params, Mapping):
+            detail = f"hparams() takes a dict, got {show(params)}"
+            raise EventError(f"run {show(self.name)}: {detail}", detail=detail)
         self._enqueue(
-            [validate_event({"type": "hparams", "run": self.name, "params": dict(params)})]
+            [self._checked({"type": "hparams", "run": self.name, "params": dict(params)})]
         )
+
+    def _checked(self, event: Event) -> Event:
+        """``validate_event(event)``, its error naming this run and the event's type."""
+        try:
+            return validate_event(event)
+        except EventError as e:
+            where = f"run {show(self.name)}, {event['type']} event"
+            raise EventError(f"{where}: {e.detail}", field=e.field, detail=e.detail) from None
 
     def finish(self) -> None:
         """The run ended well: a ``finished`` status."""

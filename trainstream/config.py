@@ -328,6 +328,12 @@ class Config:
     )
 
     def __attrs_post_init__(self) -> None:
+        if self.db is not None and self.db.strip() in ("", ":memory:"):
+            raise ConfigError(
+                f"config 'db' {self.db!r} names no file (the history is written by a "
+                "process of its own, which cannot share SQLite's ':memory:'): give a file "
+                "path, or set 'memory' (--memory) to keep the history in RAM only"
+            )
         # Whole numbers given for float fields are floats from here on.
         for f in attrs.fields(Config):
             value = getattr(self, f.name)

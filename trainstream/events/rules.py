@@ -185,4 +185,6 @@ def show(value: object) -> str:
         return "an object"
     if isinstance(value, (list, tuple)):
         return "an array"
-    return f"a Python {type(value).__name__}"
+    kind = type(value)
+    named = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"a Python {named}"

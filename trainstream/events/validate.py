@@ -512,6 +512,9 @@ def metric_events(
     :raises EventError: naming the run, the metric(s) and the field; nothing
         of the call is kept then.
     """
+    if not isinstance(metrics, Mapping):
+        detail = f"log() takes a dict of {{name: number}}, got {_show(metrics)}"
+        raise EventError(f"run {_show(run)}: {detail}", detail=detail)
     try:
         t = _check_time(t, 0)
         step = _check_int(step, 0, "step", 0)
@@ -548,6 +551,8 @@ def _python_number(value: object) -> object:
     """``value``, or its ``float()`` when it is a Python-only number (see ``metric_events``)."""
     if isinstance(value, (str, bytes, bool, numbers.Number)) or not hasattr(value, "__float__"):
         return value
+    if "bool" in str(getattr(value, "dtype", "")):
+        return value  # numpy.bool_, a torch bool tensor: refused, as True is
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
