@@ -279,6 +279,10 @@ class OrphanWriterTests(SynchronousTestCase):
         os.kill(writer_pid, signal.SIGCONT)  # it commits what it had, then sees the end
         again.join(45)
         self.assertFalse(again.is_alive())
+        with open(os.path.join(server.dir, "server-1.log")) as f:
+            killed = f.read()  # where the orphan writer's stderr went: a user's terminal
+        self.assertNotIn("Traceback", killed)
+        self.assertNotIn("BrokenPipeError", killed)
         stored_before = stored_events(server.rest)
         status, body = call("POST", server.rest + "/events", [log(i, "b") for i in range(5)])
         self.assertEqual(status, 200, body)

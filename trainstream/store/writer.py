@@ -211,6 +211,12 @@ class Checkpointer:
         self._thread.join(30)
 
 
+def _mute_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(path: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gcpolicy.tune()
@@ -224,7 +230,9 @@ def main(path: str) -> None:
     while True:
         try:
             message = pickle.load(source)
-        except EOFError:  # the server is gone: what it sent is committed
+        except (EOFError, pickle.UnpicklingError):
+            # The server is gone: what it sent whole is committed; a message
+            # it was killed in the middle of sending was never acknowledged.
             break
         if message is None:
             break
@@ -243,8 +251,12 @@ def main(path: str) -> None:
             except Exception as e:
                 _rollback(db)
                 floors.append(f"retention: {e}")
-        pickle.dump((last, error, floors, deleted), sink, protocol=pickle.HIGHEST_PROTOCOL)
-        sink.flush()
+        try:
+            pickle.dump((last, error, floors, deleted), sink, protocol=pickle.HIGHEST_PROTOCOL)
+            sink.flush()
+        except OSError:  # the server was killed (kill -9): what it sent is committed
+            _mute_stdout()  # nor a second BrokenPipeError as Python flushes it at exit
+            break
         if error is None:
             checkpointer.poke()
     checkpointer.stop()
