@@ -72,3 +72,50 @@ class GroupedFanOutTests(SynchronousTestCase):
         for sub in subs[5:]:
             self.hub.unsubscribe(sub)
         self.assertEqual((self.hub.subscriber_count, self.hub.subscriptions()), (0, []))
+
+
+class PreparedBatchTests(SynchronousTestCase):
+    """
+    A large POST is checked and encoded in a thread (``hub.prepare``), then
+    numbered in the reactor thread (``publish_checked``): its records must
+    be the very ones ``publish`` makes inline.
+    """
+
+    def batch(self) -> list[dict[str, Any]]:
+        return [
+            {"type": "status", "run": "a", "state": "running"},  # the server's time
+            {"type": "metric", "run": "a", "name": "loss", "step": 5, "value": 0.5, "time": 1.5},
+            {"type": "metric", "run": "a", "name": "loss", "step": 2, "value": 1},  # a rewind
+            {"type": "metric", "run": "a", "name": "loss", "step": 2, "value": 1, "rank": 3},
+            {"type": "log", "run": "a", "level": "info", "message": 'caf\u00e9 "q"'},
+            {"type": "metric", "run": "a", "name": "x", "step": 0, "value": "NaN", "time": 2},
+            {"type": "hparams", "run": "a", "params": {"lr": 0.1, "opt": "adam"}},
+        ]
+
+    def test_the_same_records_either_way(self) -> None:
+        from trainstream.hub import prepare
+
+        inline, threaded = (Hub(MemoryStore(), now=lambda: 7.25) for _ in range(2))
+        for hub in (inline, threaded):
+            hub.publish([{"type": "log", "run": "a", "level": "info", "message": "first"}])
+        answers = []
+        answers.append(self.successResultOf(inline.publish(self.batch())))
+        answers.append(
+            self.successResultOf(threaded.publish_checked(prepare(threaded.check(self.batch()))))
+        )
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[0], (7, 2, 9))  # 8 records: the rewind status has an id too
+        made = [list(hub.store.after(0, lambda r: True)) for hub in (inline, threaded)]
+        self.assertEqual(  # (the events as keys and text: a NaN equals no NaN)
+            [
+                (r.id, r.type, r.run, r.name, list(r.event), r.json, r.size, r.segment)
+                for r in made[0]
+            ],
+            [
+                (r.id, r.type, r.run, r.name, list(r.event), r.json, r.size, r.segment)
+                for r in made[1]
+            ],
+        )
+        self.assertEqual(len(made[1]), 9)
+        self.assertEqual([next(iter(r.event)) for r in made[1]], ["id"] * 9)
+        self.assertEqual(inline.last_id, threaded.last_id)

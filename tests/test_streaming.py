@@ -64,6 +64,65 @@ class ServerTestCase(TestCase):
         return response.code, json.loads(await response.text())
 
 
+class LargePostTests(ServerTestCase):
+    """
+    A body over ``rest.OFF_THREAD_BYTES`` is decoded and checked in a
+    thread (the reactor serves others meanwhile): the answers and the
+    stored events are those of the inline path.
+    """
+
+    def test_a_large_batch_in_a_thread_same_answers(self) -> Deferred[None]:
+        from trainstream.web import rest
+
+        n = 20_000
+
+        def body(events: list[dict[str, Any]]) -> bytes:
+            data = json.dumps(events).encode()
+            self.assertGreater(len(data), rest.OFF_THREAD_BYTES)
+            return data
+
+        events = [
+            {"type": "metric", "run": "big", "name": f"m{i % 7}", "step": i // 7, "value": i * 0.5}
+            for i in range(n)
+        ]
+
+        async def go() -> None:
+            self.assertEqual(
+                (
+                    await self.post(
+                        "/api/events",
+                        b'[{"type": "status", "run": "x", "state": "running"}]',
+                        content_type="application/json",
+                    )
+                )[0],
+                200,
+            )
+            code, answer = await self.post(
+                "/api/events", body(events), content_type="application/json"
+            )
+            first = answer.get("first_id", 0)  # (the server's own alerts may come before)
+            self.assertEqual(
+                (code, answer), (200, {"accepted": n, "first_id": first, "last_id": first + n - 1})
+            )
+            bad = [dict(e) for e in events]
+            bad[12_345]["step"] = -1
+            code, answer = await self.post(
+                "/api/events", body(bad), content_type="application/json"
+            )
+            self.assertEqual((code, answer["index"]), (400, 12_345))
+            self.assertIn('field "step" must be an integer >= 0', answer["error"])
+            code, answer = await self.post("/api/events", body(events), content_type="text/plain")
+            self.assertEqual(code, 415, answer)
+            stored = list(self.server.hub.store.after(1, lambda r: r.run == "big"))
+            self.assertEqual([r.id for r in stored], list(range(first, first + n)))
+            self.assertEqual(
+                [json.loads(r.json) for r in stored[:3]],
+                [{"id": first + i, **events[i], "time": stored[i].event["time"]} for i in range(3)],
+            )
+
+        return Deferred.fromCoroutine(go())
+
+
 class PublishTests(ServerTestCase):
     def test_post_reaches_sse_and_ws(self) -> Deferred[None]:
         """POST /api/events: 200 with ids, and both kinds of client see each event once."""

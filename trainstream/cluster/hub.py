@@ -70,7 +70,9 @@ class ClusterHub(Hub):
         self.accepted_total += len(spec)
         return spec, before
 
-    def _publish(self, events: Sequence[dict[str, object]]) -> tuple[int, int, int]:
+    def _publish(
+        self, events: Sequence[dict[str, object]], tails: Sequence[str | None] | None = None
+    ) -> tuple[int, int, int]:
         """In-process publishers (``run.log``, the observers): queued while Redis is away."""
         if events:
             spec, _ = self._spec(events)
@@ -95,7 +97,18 @@ class ClusterHub(Hub):
         holds the batch and this server has delivered it; fail with
         ``ClusterUnavailableError`` (a ``StoreError``: 503) at once when Redis is away.
         """
-        events = validate_events(items, self.limits, self._now)
+        return self._submit(validate_events(items, self.limits, self._now))
+
+    def publish_checked(
+        self, prepared: Sequence[tuple[dict[str, object], str | None]]
+    ) -> Deferred[tuple[int, int, int]]:
+        """``publish`` of a large POST checked in a thread: Redis gives the ids."""
+        events = [event for event, _ in prepared]
+        for event in events:
+            del event["id"]
+        return self._submit(events)
+
+    def _submit(self, events: list[dict[str, object]]) -> Deferred[tuple[int, int, int]]:
         if not events:
             first = self.engine.floor + 1
             d: Deferred[tuple[int, int, int]] = Deferred()
