@@ -146,6 +146,8 @@ class TwistdTests(TestCase):
             )
             await sse.lost
             self.assertTrue(sse.finished_cleanly)
+            last = [e for e in sse.events if e["type"] == "status"][-1]
+            self.assertEqual(last["state"], "paused", last)  # not left "running" for good
             self.assertEqual((await ws.closed)[1], 1001)
             await ws.lost
             ports = [

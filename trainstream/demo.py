@@ -52,6 +52,18 @@ class DemoService(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop.running:
             self._loop.stop()
+        if self._run:  # not left "running" for good: the next start begins a new run
+            self.hub.accept(
+                [
+                    {
+                        "type": "status",
+                        "run": self._run,
+                        "state": "paused",
+                        "message": "the server stopped; a new demo run starts with it",
+                    }
+                ]
+            )
+            self._run = ""
 
     def _new_run(self) -> None:
         self._run_number += 1
