@@ -29,11 +29,20 @@ from trainstream.subscription import DEFAULT_CLIENT_BUFFER, Sink, Subscription
 DEFAULT_LIMITS = Limits()
 
 
-def make_record(event_id: int, event: dict[str, object], segment: int = 0) -> Record:
-    """Give a validated event its id and encode it once."""
-    event = {"id": event_id, **event}
+def make_record(
+    event_id: int, event: dict[str, object], segment: int = 0, tail: str | None = None
+) -> Record:
+    """
+    Give a validated event its id and encode it once; or, given the ``tail``
+    ``prepare`` encoded, a ``prepare``d event (its own dict) just its id.
+    """
+    if tail is None:
+        event = {"id": event_id, **event}
+        text = encode_event(event)
+    else:
+        event["id"] = event_id  # the key stays first
+        text = f'{{"id":{event_id},{tail}'
     name = event.get("name")
-    text = encode_event(event)
     # Positional: a keyword call of the attrs __init__ costs half again as much.
     return Record(
         event_id,
@@ -69,22 +78,9 @@ def _numbered_record(
     event_id: int, event: dict[str, object], tail: str | None, segment: int
 ) -> Record:
     """``make_record`` of a ``prepare``d event (its own dict, given its id now)."""
-    if tail is None:
+    if tail is None:  # its text did not begin as expected: encoded whole, here
         del event["id"]
-        return make_record(event_id, event, segment)
-    event["id"] = event_id  # the key stays first
-    text = f'{{"id":{event_id},{tail}'
-    name = event.get("name")
-    return Record(
-        event_id,
-        str(event["type"]),
-        str(event["run"]),
-        name if isinstance(name, str) else None,
-        event,
-        text,
-        len(text),
-        segment,
-    )
+    return make_record(event_id, event, segment, tail)
 
 
 def rewind_status(event: dict[str, object], step: int) -> dict[str, object]:
